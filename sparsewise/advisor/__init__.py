@@ -1,0 +1,1 @@
+"""Match the workload to the hardware: measure this machine (probe), profile, project, report."""

@@ -1,0 +1,286 @@
+"""Measure this machine's limits: memory read bandwidth, random row gathers, dense GEMM/GEMV.
+
+Every benchmark and the advisor quote "% of this limit" from these numbers, so they are measured
+the way the kernels run: numba kernels for streaming reads and gathers, torch (MKL / oneDNN) for
+dense matrix work, all at the thread count in use.
+
+Legend for the kernels below: N = float32 elements streamed, R = table rows, D = floats per row,
+K = ids gathered.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .._util import atomic_write_json, cache_dir, num_threads, threads as _threads
+from ..bench import timeit
+
+__all__ = ["probe", "machine_info", "cached_probe", "format_probe", "PROBE_SCHEMA", "FLAGS_OF_INTEREST"]
+
+PROBE_SCHEMA = "sparsewise.probe/1"
+FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                     "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+_MB = 1 << 20
+
+
+# ---------------------------------------------------------------- machine description (no timing)
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name") and model in ("unknown", "", "x86_64"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def _llc_bytes() -> int | None:
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    best = None
+    for idx in sorted(base.glob("index*")):
+        try:
+            level = int((idx / "level").read_text())
+            size = (idx / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        value = int(size.rstrip("KMG")) * mult
+        if best is None or level >= best[0]:
+            best = (level, value)
+    return best[1] if best else None
+
+
+def _mem_total() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict:
+    """What this machine is, without timing anything (cheap; used in every result file)."""
+    import numba
+    import torch
+
+    model, flags = _cpuinfo()
+    return {
+        "cpu_model": model,
+        "arch": platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "threads_used": num_threads(),
+        "flags": {f: (f in flags) for f in FLAGS_OF_INTEREST},
+        "llc_bytes": _llc_bytes(),
+        "mem_total_bytes": _mem_total(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "numba": numba.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "cuda": bool(torch.cuda.is_available()),
+    }
+
+
+# ---------------------------------------------------------------- numba kernels
+
+def _kernels():
+    # compiled on first use so that importing the probe costs nothing
+    import numba
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def stream_sum(a, chunks):
+        # a: (N // 64, 64) float32 -> float64; reads every byte once. The 64-wide accumulator
+        # lets LLVM vectorise: a scalar running sum is latency-bound at ~5 GB/s, not memory-bound.
+        n = a.shape[0]
+        step = (n + chunks - 1) // chunks
+        part = np.zeros(chunks, np.float64)
+        for c in numba.prange(chunks):
+            lo = c * step
+            hi = min(n, lo + step)
+            acc = np.zeros(64, np.float32)
+            for i in range(lo, hi):
+                for j in range(64):
+                    acc[j] += a[i, j]
+            part[c] = acc.sum()
+        return part.sum()
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def gather_sum(table, ids, chunks):
+        # table: (R, D) float32, ids: (K,) int64 in [0, R) -> float64; one random row per id
+        k = ids.shape[0]
+        d = table.shape[1]
+        step = (k + chunks - 1) // chunks
+        part = np.zeros(chunks, np.float64)
+        for c in numba.prange(chunks):
+            lo = c * step
+            hi = min(k, lo + step)
+            acc = np.zeros(d, np.float32)
+            for i in range(lo, hi):
+                row = ids[i]
+                for j in range(d):
+                    acc[j] += table[row, j]
+            part[c] = acc.sum()
+        return part.sum()
+
+    return stream_sum, gather_sum
+
+
+# ---------------------------------------------------------------- measurements
+
+def _read_bandwidth(nbytes: int, threads: int, repeats: int) -> float:
+    stream_sum, _ = _kernels()
+    a = np.ones((nbytes // 256, 64), np.float32)  # written, so every page is real memory
+    chunks = 64 * max(1, threads)
+    with _threads(threads):
+        t = timeit(lambda: stream_sum(a, chunks), repeats=repeats, warmup=1, min_time=0.0)
+    return a.nbytes / t["median_s"] / 1e9
+
+
+def _gather_rate(row_bytes: int, table_bytes: int, n_ids: int, threads: int, repeats: int) -> dict:
+    _, gather_sum = _kernels()
+    d = row_bytes // 4
+    rows = table_bytes // row_bytes
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((rows, d), dtype=np.float32)
+    ids = rng.integers(0, rows, n_ids, dtype=np.int64)
+    chunks = 16 * max(1, threads)
+    with _threads(threads):
+        t = timeit(lambda: gather_sum(table, ids, chunks), repeats=repeats, warmup=1, min_time=0.0)
+    rate = n_ids / t["median_s"]
+    return {"rows_per_s": rate, "gbs": rate * row_bytes / 1e9, "table_bytes": int(table.nbytes)}
+
+
+def _gemm_gflops(dtype, n: int, repeats: int) -> float:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    t = timeit(lambda: torch.mm(a, b), repeats=repeats, warmup=1, min_time=0.05)
+    return 2.0 * n ** 3 / t["median_s"] / 1e9
+
+
+def _gemv_gbs(dtype, out_f: int, in_f: int, repeats: int) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out_f, in_f, generator=g).to(dtype)
+    x = torch.randn(1, in_f, generator=g).to(dtype)
+    t = timeit(lambda: F.linear(x, w), repeats=repeats, warmup=2, min_time=0.05)
+    return w.numel() * w.element_size() / t["median_s"] / 1e9
+
+
+def probe(*, quick: bool = False, threads: int | None = None,
+          progress: Callable[[str], None] | None = None) -> dict:
+    """Measure this machine and return a JSON-able dict (schema ``sparsewise.probe/1``).
+
+    ``quick`` uses fewer repeats (same sizes: a smaller table would fit in cache and lie).
+
+    >>> from sparsewise.advisor.probe import probe
+    >>> p = probe(quick=True)                       # doctest: +SKIP
+    >>> p["bandwidth"]["read_gbs_all"] > 1          # doctest: +SKIP
+    True
+    """
+    import torch
+
+    nthreads = num_threads(threads)
+    repeats = 3 if quick else 7
+    step = progress or (lambda _msg: None)
+    info = machine_info()
+    info["threads_used"] = nthreads
+    llc = info["llc_bytes"] or 32 * _MB
+    stream_bytes = max(256 * _MB, 8 * llc)
+    table_bytes = max(256 * _MB, 4 * llc)
+    t0 = time.perf_counter()
+    with _threads(nthreads):
+        step("memory read bandwidth")
+        bw1 = _read_bandwidth(stream_bytes, 1, repeats)
+        bwn = _read_bandwidth(stream_bytes, nthreads, repeats) if nthreads > 1 else bw1
+        step("random row gathers")
+        g64 = _gather_rate(64, table_bytes, 1 << 22, nthreads, repeats)
+        g512 = _gather_rate(512, table_bytes, 1 << 20, nthreads, repeats)
+        step("dense GEMM")
+        gemm = {"fp32_gflops": _gemm_gflops(torch.float32, 2048, repeats),
+                "bf16_gflops": _gemm_gflops(torch.bfloat16, 2048, repeats), "n": 2048}
+        step("dense GEMV")
+        gemv = {"fp32_gbs": _gemv_gbs(torch.float32, 11008, 4096, repeats),
+                "bf16_gbs": _gemv_gbs(torch.bfloat16, 11008, 4096, repeats),
+                "shape": [11008, 4096]}
+    return {
+        "schema": PROBE_SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "quick": quick,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "machine": info,
+        "bandwidth": {"read_gbs_1t": bw1, "read_gbs_all": bwn, "bytes": stream_bytes},
+        "gather": {"row64": g64, "row512": g512},
+        "gemm": gemm,
+        "gemv": gemv,
+    }
+
+
+def _fingerprint(info: dict) -> str:
+    return f"{info['cpu_model']}|{info['logical_cpus']}|{info['threads_used']}|{info['torch']}"
+
+
+def cached_probe(*, max_age_s: float = 7 * 24 * 3600, threads: int | None = None) -> dict:
+    """The last probe of this machine (same CPU, thread count and torch), measuring if none.
+
+    Benchmarks call this to express their numbers as a percentage of the machine's limits.
+    """
+    info = machine_info()
+    info["threads_used"] = num_threads(threads)
+    path = cache_dir() / "probe.json"
+    try:
+        doc = json.loads(path.read_text())
+        fresh = time.time() - path.stat().st_mtime < max_age_s
+        if doc.get("schema") == PROBE_SCHEMA and fresh and _fingerprint(doc["machine"]) == _fingerprint(info):
+            return doc
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or damaged cache: measure again
+    doc = probe(quick=True, threads=threads)
+    save_probe(doc)
+    return doc
+
+
+def save_probe(doc: dict, path: str | Path | None = None) -> Path:
+    """Store a probe result (atomically); with no path, in the cache used by :func:`cached_probe`."""
+    return atomic_write_json(path or cache_dir() / "probe.json", doc)
+
+
+def format_probe(doc: dict) -> str:
+    """A terminal table of a probe result."""
+    m = doc["machine"]
+    flags = " ".join(f for f, on in m["flags"].items() if on) or "none"
+    llc = f"{m['llc_bytes'] / _MB:.0f} MB" if m.get("llc_bytes") else "unknown"
+    rows = [
+        ("cpu", m["cpu_model"]),
+        ("logical cpus / threads used", f"{m['logical_cpus']} / {m['threads_used']}"),
+        ("flags", flags),
+        ("last-level cache", llc),
+        ("memory read, 1 thread", f"{doc['bandwidth']['read_gbs_1t']:.1f} GB/s"),
+        (f"memory read, {m['threads_used']} threads", f"{doc['bandwidth']['read_gbs_all']:.1f} GB/s"),
+        ("random gather, 64 B rows",
+         f"{doc['gather']['row64']['rows_per_s'] / 1e6:.0f} M rows/s ({doc['gather']['row64']['gbs']:.1f} GB/s)"),
+        ("random gather, 512 B rows",
+         f"{doc['gather']['row512']['rows_per_s'] / 1e6:.0f} M rows/s ({doc['gather']['row512']['gbs']:.1f} GB/s)"),
+        ("GEMM fp32 / bf16 (torch)", f"{doc['gemm']['fp32_gflops']:.0f} / {doc['gemm']['bf16_gflops']:.0f} GFLOP/s"),
+        ("GEMV fp32 / bf16 (torch)", f"{doc['gemv']['fp32_gbs']:.1f} / {doc['gemv']['bf16_gbs']:.1f} GB/s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)

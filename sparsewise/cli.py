@@ -1,0 +1,153 @@
+"""Command line: ``sparsewise report | probe | bench | prune | advise``.
+
+Bad input (unknown flags, bad values, an unwritable ``--out``) gives one clear line on stderr and
+a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+__all__ = ["main", "BENCH_SUITES"]
+
+# suite name -> "module:function"; the function takes (args) and returns the results path
+BENCH_SUITES = {
+    "nm": ("sparsewise.nm.bench:run", "N:M (2:4) linear layers vs torch F.linear (issue 3)"),
+    "embedding": ("sparsewise.embedding.bench:run", "embedding bags vs nn.EmbeddingBag (issue 4)"),
+    "moe": ("sparsewise.moe.bench:run", "MoE blocks vs transformers' blocks (issue 5)"),
+}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise CliError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sparsewise", description="Turn every kind of zero in a model into real speed.")
+    p.add_argument("--version", action="version", version=f"sparsewise {_version()}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    r = sub.add_parser("report", help="measure this machine and the engines; write report/index.html")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="quick", action="store_true", default=True,
+                      help="short measurements, under 3 minutes on 2 cores (default)")
+    mode.add_argument("--full", dest="quick", action="store_false", help="longer, steadier measurements")
+    r.add_argument("--out", default="report", help="output folder (default: report)")
+    r.add_argument("--threads", type=_positive_int, default=None, help="threads (default: torch's)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    pr = sub.add_parser("probe", help="measure memory bandwidth, gathers, GEMM and GEMV limits")
+    pr.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    pr.add_argument("--quick", action="store_true", help="fewer repeats")
+    pr.add_argument("--threads", type=_positive_int, default=None)
+
+    b = sub.add_parser("bench", help="run a benchmark suite and write benchmarks/results/*.json")
+    b.add_argument("suite", choices=sorted(BENCH_SUITES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCH_SUITES.items()))
+    b.add_argument("--out", default="benchmarks/results", help="results folder")
+    b.add_argument("--threads", type=_positive_int, default=None)
+    b.add_argument("--quick", action="store_true", help="fewer shapes and pairs")
+
+    pn = sub.add_parser("prune", help="prune a model to N:M (issue 6)")
+    pn.add_argument("model")
+    pn.add_argument("rest", nargs=argparse.REMAINDER)
+    a = sub.add_parser("advise", help="project each technique on TPUs, GPUs and CPUs")
+    a.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _cmd_report(args) -> int:
+    from .advisor.report import build_report
+
+    path, summary = build_report(args.out, quick=args.quick, threads=args.threads, progress=not args.no_progress)
+    print(summary)
+    print(f"\nreport written to {path}")
+    return 0
+
+
+def _cmd_probe(args) -> int:
+    from ._util import check_writable_dir
+    from .advisor.probe import format_probe, probe, save_probe
+
+    if args.json:
+        from pathlib import Path
+
+        check_writable_dir(Path(args.json).resolve().parent)
+    doc = probe(quick=args.quick, threads=args.threads, progress=lambda m: print(f"measuring {m} ...", file=sys.stderr))
+    save_probe(doc)
+    print(format_probe(doc))
+    if args.json:
+        save_probe(doc, args.json)
+        print(f"written to {args.json}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from ._util import check_writable_dir
+
+    check_writable_dir(args.out)
+    target, _ = BENCH_SUITES[args.suite]
+    module, func = target.split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("sparsewise"):
+            raise NotImplementedError(f"benchmark suite '{args.suite}' is not built yet") from None
+        raise
+    path = getattr(mod, func)(args)
+    print(f"results written to {path}")
+    return 0
+
+
+def _cmd_not_built(args) -> int:
+    raise NotImplementedError(f"'sparsewise {args.command}' is not built yet (see the README's status table)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        handler = {"report": _cmd_report, "probe": _cmd_probe, "bench": _cmd_bench,
+                   "prune": _cmd_not_built, "advise": _cmd_not_built}[args.command]
+        return handler(args)
+    except CliError as exc:
+        print(f"sparsewise: error: {exc}", file=sys.stderr)
+        return 2
+    except NotImplementedError as exc:
+        print(f"sparsewise: {exc}", file=sys.stderr)
+        return 3
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"sparsewise: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sparsewise: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
