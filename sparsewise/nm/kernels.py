@@ -1,0 +1,219 @@
+"""CPU kernels for y = x @ W.T with W in packed N:M form (see tensor.py for the layout).
+
+Legend: B = batch rows of x, K = in_features, O = out_features, NK = kept values per row,
+b = index bits. All arrays are flat, C-contiguous: x (B*K,) float32, y (B*O,) float32,
+vals (O*NK,) float32 or int16 (bf16 bit patterns), meta/indices the packed index bytes.
+
+Two kernels:
+- ``nm24_matmul``: 2:4 with K % 32 == 0 on AVX-512. Per row and per 32 inputs it loads 16 kept
+  values and one uint32 of indices, turns the indices into a permutation (broadcast, shift, mask,
+  add group base) and picks the matching x values with one ``vpermi2ps`` from two registers,
+  then one FMA. Weights are read once per 8 batch rows; bf16 values are widened in registers.
+  Written as LLVM IR through numba intrinsics because numba cannot express the permute.
+- ``nm_matmul_generic``: any N:M, any K, scalar numba; the fallback and the non-2:4 path.
+
+Both are checked against the pure-torch reference ``reference_matmul`` in the tests.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+__all__ = ["avx512_available", "nm24_supported", "nm_matmul", "reference_matmul"]
+
+
+@functools.lru_cache(maxsize=1)
+def avx512_available() -> bool:
+    """True when the CPU has AVX-512F (the 2:4 permute kernel needs it)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return "avx512f" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def nm24_supported(n: int, m: int, k: int) -> bool:
+    return n == 2 and m == 4 and k % 32 == 0 and avx512_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    # Built on first use: importing sparsewise.nm compiles nothing.
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    f32, i16, i32, i64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    v16f, v16i, v16s = ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(i16, 16)
+
+    def c64(v):
+        return ir.Constant(i64, v)
+
+    def widen_bf16(builder, raw16):
+        # bf16 bits -> fp32: the bf16 pattern is the high half of the fp32 pattern
+        return builder.bitcast(builder.shl(builder.zext(raw16, v16i), ir.Constant(v16i, [16] * 16)), v16f)
+
+    def make_dot24(nb: int):
+        @intrinsic
+        def dot24(typingctx, vals, voff, meta, moff, x, xoff, xstride, nblk, y, yoff, ystride):
+            # y[yoff + b*ystride] = sum_{blocks} vals . x[xoff + b*xstride + perm]  for b < nb
+            sig = types.void(vals, voff, meta, moff, x, xoff, xstride, nblk, y, yoff, ystride)
+            is_bf16 = vals.dtype == types.int16
+
+            def codegen(context, builder, signature, args):
+                vals_, voff_, meta_, moff_, x_, xoff_, xstride_, nblk_, y_, yoff_, ystride_ = args
+                mod = builder.module
+
+                def data(pos, value):
+                    return context.make_array(signature.args[pos])(context, builder, value).data
+
+                vptr = builder.gep(data(0, vals_), [voff_])
+                mptr = builder.gep(data(2, meta_), [moff_])
+                xbase, ybase = data(4, x_), data(8, y_)
+                perm = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(v16f, [v16f, v16i, v16f]), "llvm.x86.avx512.vpermi2var.ps.512")
+                fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
+                zero = ir.Constant(v16f, [0.0] * 16)
+                accs = [cgutils.alloca_once_value(builder, zero) for _ in range(nb)]
+                shifts = ir.Constant(v16i, [2 * k for k in range(16)])
+                base = ir.Constant(v16i, [(k // 2) * 4 for k in range(16)])
+                three = ir.Constant(v16i, [3] * 16)
+                xptrs = [builder.gep(xbase, [builder.add(xoff_, builder.mul(xstride_, c64(b)))]) for b in range(nb)]
+                with cgutils.for_range(builder, nblk_) as loop:
+                    i = loop.index
+                    word = builder.bitcast(builder.load(builder.gep(mptr, [i])), i32)
+                    wv = builder.insert_element(ir.Constant(v16i, ir.Undefined), word, ir.Constant(i32, 0))
+                    wv = builder.shuffle_vector(wv, ir.Constant(v16i, ir.Undefined), ir.Constant(v16i, [0] * 16))
+                    idx = builder.add(builder.and_(builder.lshr(wv, shifts), three), base)
+                    wp = builder.gep(vptr, [builder.mul(i, c64(16))])
+                    if is_bf16:
+                        w = widen_bf16(builder, builder.load(builder.bitcast(wp, v16s.as_pointer()), align=2))
+                    else:
+                        w = builder.load(builder.bitcast(wp, v16f.as_pointer()), align=4)
+                    off = builder.mul(i, c64(32))
+                    for b in range(nb):
+                        xp = builder.gep(xptrs[b], [off])
+                        lo = builder.load(builder.bitcast(xp, v16f.as_pointer()), align=4)
+                        hi = builder.load(builder.bitcast(builder.gep(xp, [c64(16)]), v16f.as_pointer()), align=4)
+                        picked = builder.call(perm, [lo, idx, hi])
+                        builder.store(builder.call(fma, [w, picked, builder.load(accs[b])]), accs[b])
+                for b in range(nb):
+                    acc = builder.load(accs[b])
+                    # pairwise tree sum of the 16 lanes
+                    lanes = [builder.extract_element(acc, ir.Constant(i32, k)) for k in range(16)]
+                    while len(lanes) > 1:
+                        lanes = [builder.fadd(lanes[j], lanes[j + 1]) for j in range(0, len(lanes), 2)]
+                    yp = builder.gep(ybase, [builder.add(yoff_, builder.mul(ystride_, c64(b)))])
+                    builder.store(lanes[0], yp)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return dot24
+
+    @intrinsic
+    def bf16_to_f32(typingctx, raw):
+        sig = types.float32(raw)
+
+        def codegen(context, builder, signature, args):
+            wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+            return builder.bitcast(wide, f32)
+
+        return sig, codegen
+
+    d8, d4, d2, d1 = make_dot24(8), make_dot24(4), make_dot24(2), make_dot24(1)
+
+    @numba.njit(parallel=True, cache=False)
+    def nm24_matmul(vals, meta, x, y, O, K, B):
+        # vals (O*K/2,) f32|i16; meta (O*K/32,) int32; x (B*K,) f32; y (B*O,) f32
+        nblk = K // 32
+        for o in numba.prange(O):
+            voff = o * (K // 2)
+            moff = o * nblk
+            b0 = 0
+            while b0 + 8 <= B:
+                d8(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O)
+                b0 += 8
+            if b0 + 4 <= B:
+                d4(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O)
+                b0 += 4
+            if b0 + 2 <= B:
+                d2(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O)
+                b0 += 2
+            if b0 < B:
+                d1(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O)
+
+    def make_generic(is_bf16: bool):
+        @numba.njit(parallel=True, fastmath=False, cache=False)
+        def generic(vals, idx, x, y, O, K, B, n, m, bits):
+            # vals (O*NK,) ; idx (O*row_bytes,) uint8 bit stream ; x (B*K,) ; y (B*O,)
+            nk = K // m * n
+            row_bytes = (nk * bits + 7) // 8
+            mask = (1 << bits) - 1
+            for o in numba.prange(O):
+                acc = np.zeros(B, np.float32)
+                for j in range(nk):
+                    p = j * bits
+                    byte = o * row_bytes + (p >> 3)
+                    word = np.int64(idx[byte])
+                    if (p & 7) + bits > 8:
+                        word |= np.int64(idx[byte + 1]) << 8
+                    col = (j // n) * m + ((word >> (p & 7)) & mask)
+                    if is_bf16:
+                        w = bf16_to_f32(vals[o * nk + j])
+                    else:
+                        w = vals[o * nk + j]
+                    for b in range(B):
+                        acc[b] += w * x[b * K + col]
+                for b in range(B):
+                    y[b * O + o] = acc[b]
+
+        return generic
+
+    return nm24_matmul, make_generic(False), make_generic(True)
+
+
+def _as_kernel_values(values: torch.Tensor) -> np.ndarray:
+    if values.dtype == torch.bfloat16:
+        return values.view(torch.int16).numpy().reshape(-1)
+    if values.dtype == torch.float32:
+        return values.numpy().reshape(-1)
+    raise TypeError(f"CPU N:M kernels take float32 or bfloat16 values, got {values.dtype}")
+
+
+def nm_matmul(x2d: torch.Tensor, nmt, *, use_fast: bool | None = None) -> torch.Tensor:
+    """(B, K) float32 contiguous @ W.T -> (B, O) float32, W an NMTensor (float32 or bf16 values).
+
+    Inputs are assumed validated by the caller (``sparsewise.nm.functional``).
+    """
+    from .tensor import index_bits
+
+    nm24, gen_f32, gen_bf16 = _compiled()
+    o, k = nmt.shape
+    b = x2d.shape[0]
+    y = torch.empty(b, o, dtype=torch.float32)
+    if b == 0 or o == 0:
+        return y.zero_()
+    xv = x2d.numpy().reshape(-1)
+    yv = y.numpy().reshape(-1)
+    vals = _as_kernel_values(nmt.values)
+    fast = nm24_supported(nmt.n, nmt.m, k) if use_fast is None else use_fast
+    if fast:
+        meta = nmt.indices.numpy().reshape(-1).view(np.int32)
+        nm24(vals, meta, xv, yv, o, k, b)
+    else:
+        kern = gen_bf16 if nmt.values.dtype == torch.bfloat16 else gen_f32
+        kern(vals, nmt.indices.numpy().reshape(-1), xv, yv, o, k, b, nmt.n, nmt.m, index_bits(nmt.m))
+    return y
+
+
+def reference_matmul(x2d: torch.Tensor, nmt) -> torch.Tensor:
+    """Pure-torch oracle: decompress and multiply in float32."""
+    return x2d.to(torch.float32) @ nmt.to_dense().to(torch.float32).T

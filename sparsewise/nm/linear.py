@@ -1,0 +1,222 @@
+"""``SparseLinear`` and ``sparsify_``: N:M layers that are never much slower than nn.Linear.
+
+Dispatch per call: the packed kernel where it wins (small batches: it reads fewer weight bytes),
+the dense path where it does not (large batches, where MKL/oneDNN GEMMs are compute-bound). The
+crossover batch size is measured once per (shape, dtype, threads, machine) with the paired
+harness and cached on disk (``<cache>/nm_crossover.json``). The dense path needs the dense
+weight: it is materialised on the first large-batch call and kept (set
+``NMConfig(dense_fallback=False)`` to never hold it, trading speed at large batch for memory).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._util import atomic_write_json, cache_dir, num_threads
+from .functional import nm_linear
+from .mask import check_nm
+from .tensor import NMTensor
+
+__all__ = ["NMConfig", "SparseLinear", "sparsify_", "SparsifyReport", "crossover_batch"]
+
+_PROBE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class NMConfig:
+    """How to sparsify: the N:M pattern and whether a dense copy may be kept for large batches."""
+
+    n: int = 2
+    m: int = 4
+    dense_fallback: bool = True
+
+    def __post_init__(self):
+        check_nm(self.n, self.m)
+        if not isinstance(self.dense_fallback, bool):
+            raise TypeError(f"NMConfig.dense_fallback must be a bool, got {type(self.dense_fallback).__name__}")
+
+
+def _crossover_key(o: int, k: int, dtype: torch.dtype, n: int, m: int) -> str:
+    from ..advisor.probe import machine_info
+
+    cpu = machine_info()["cpu_model"]
+    return f"{cpu}|{o}x{k}|{str(dtype).replace('torch.', '')}|{n}:{m}|t{num_threads()}"
+
+
+def crossover_batch(weight: NMTensor, *, refresh: bool = False) -> int:
+    """Smallest batch (rows of x) at which dense F.linear beats the packed kernel, measured with
+    :func:`sparsewise.bench.compare` on this weight's shape and cached on disk. Returns a large
+    number when the packed kernel wins at every batch tried."""
+    from ..bench import compare
+
+    o, k = weight.shape
+    key = _crossover_key(o, k, weight.dtype, weight.n, weight.m)
+    path = cache_dir() / "nm_crossover.json"
+    with _lock:
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        if not refresh and isinstance(table.get(key), int):
+            return table[key]
+        dense = weight.to_dense()
+        gen = torch.Generator().manual_seed(0)
+        best = 1 << 30
+        for b in _PROBE_BATCHES:
+            x = torch.randn(b, k, generator=gen).to(weight.dtype)
+            r = compare(lambda: nm_linear(x, weight), lambda: F.linear(x, dense), pairs=3, warmup=1, min_time=0.005)
+            if r.ratio < 1.0:
+                best = b
+                break
+        table[key] = best
+        try:
+            atomic_write_json(path, table)
+        except OSError:
+            pass  # a read-only cache only costs a re-measurement next time
+        return best
+
+
+class SparseLinear(nn.Module):
+    """A linear layer whose weight is packed N:M.
+
+    >>> lin = nn.Linear(64, 32)
+    >>> sl = SparseLinear.from_dense(lin)              # 2:4 by magnitude
+    >>> sl(torch.randn(5, 64)).shape
+    torch.Size([5, 32])
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, config: NMConfig = NMConfig(),
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if in_features % config.m:
+            raise ValueError(f"in_features ({in_features}) is not divisible by m={config.m}")
+        self.in_features, self.out_features, self.config = in_features, out_features, config
+        w = torch.zeros(out_features, in_features, dtype=dtype)
+        self._set_packed(NMTensor.from_dense(w, config.n, config.m))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    def _set_packed(self, nmt: NMTensor) -> None:
+        self.values = nn.Parameter(nmt.values)
+        self.register_buffer("indices", nmt.indices)
+        self._nm = nmt
+        self._dense = None
+        self._xover = None
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, n: int = 2, m: int = 4, mask: torch.Tensor | None = None,
+                   config: NMConfig | None = None) -> "SparseLinear":
+        """Pack an nn.Linear (magnitude N:M mask when ``mask`` is None; an already N:M-sparse
+        weight keeps exactly its non-zeros)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+        config = config or NMConfig(n=n, m=m)
+        w = linear.weight.detach()
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.config = linear.in_features, linear.out_features, config
+        self._set_packed(NMTensor.from_dense(w.cpu(), config.n, config.m, mask))
+        self.bias = nn.Parameter(linear.bias.detach().clone().cpu()) if linear.bias is not None else None
+        return self
+
+    @property
+    def weight_nm(self) -> NMTensor:
+        """The packed weight, sharing storage with the ``values`` parameter and ``indices`` buffer."""
+        nm = self._nm
+        if nm.values is not self.values.data or nm.indices is not self.indices:
+            if nm.values.data_ptr() != self.values.data_ptr() or nm.values.dtype != self.values.dtype \
+                    or nm.indices.data_ptr() != self.indices.data_ptr():
+                self._nm = NMTensor(self.values.data, self.indices, self.config.n, self.config.m,
+                                    (self.out_features, self.in_features))
+                self._dense, self._xover = None, None
+        return self._nm
+
+    def to_linear(self) -> nn.Linear:
+        """A dense nn.Linear with the pruned weight (zeros in the N:M pattern)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self.values.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight_nm.to_dense())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_nm
+        batch = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+        training = torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad)
+        if self.config.dense_fallback and not training and x.device.type == "cpu" and batch > 1:
+            if self._xover is None:
+                self._xover = crossover_batch(w)
+            if batch >= self._xover:
+                if self._dense is None:
+                    self._dense = w.to_dense()
+                return F.linear(x, self._dense, self.bias)
+        return nm_linear(x, w, self.bias, values=self.values if training else None)
+
+    def _apply(self, fn, recurse=True):
+        self._dense, self._xover = None, None  # device or dtype may change
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dense = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, pattern={self.config.n}:{self.config.m}")
+
+
+@dataclass
+class SparsifyReport:
+    swapped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+
+    def __str__(self) -> str:
+        lines = [f"swapped {len(self.swapped)} layer(s), skipped {len(self.skipped)}"]
+        lines += [f"  skipped {k}: {v}" for k, v in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def sparsify_(model: nn.Module, config: NMConfig = NMConfig(),
+              filter_fn: Callable[[str, nn.Module], bool] | None = None) -> SparsifyReport:
+    """Swap nn.Linear layers of ``model`` in place for SparseLinear (magnitude N:M mask, which keeps
+    an already-pruned weight exactly). Returns what was swapped and what was skipped, and why.
+
+    >>> model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> rep = sparsify_(model)
+    >>> rep.swapped, rep.skipped
+    (['0', '2'], {})
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, NMConfig):
+        raise TypeError(f"config must be an NMConfig, got {type(config).__name__}")
+    report = SparsifyReport()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or isinstance(module, SparseLinear):
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            report.skipped[name] = "excluded by filter_fn"
+            continue
+        if module.in_features % config.m:
+            report.skipped[name] = f"in_features={module.in_features} is not divisible by m={config.m}"
+            continue
+        if module.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            report.skipped[name] = f"weight dtype {module.weight.dtype} is not supported"
+            continue
+        if module.weight.device.type != "cpu":
+            report.skipped[name] = "not on the CPU (the GPU path is not built yet)"
+            continue
+        new = SparseLinear.from_dense(module, config=config)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        report.swapped.append(name)
+    if not report.swapped and not report.skipped:
+        report.skipped["<model>"] = "no nn.Linear layer found"
+    return report
