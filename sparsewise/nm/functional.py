@@ -39,10 +39,11 @@ def _forward(x: torch.Tensor, weight: NMTensor, bias: torch.Tensor | None, backe
     x2 = x.reshape(-1, weight.shape[1])
     if backend == "reference" or x.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         y = reference_matmul(x2, weight)
+        if bias is not None:
+            y += bias.to(torch.float32)
     else:
-        y = nm_matmul(x2.to(torch.float32).contiguous(), weight)
-    if bias is not None:
-        y += bias.to(torch.float32)
+        b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        y = nm_matmul(x2.to(torch.float32).contiguous(), weight, b32)
     return y.to(x.dtype).reshape(*lead, weight.shape[0])
 
 
@@ -92,4 +93,8 @@ def nm_linear(x: torch.Tensor, weight: NMTensor, bias: torch.Tensor | None = Non
             raise ValueError(f"values must be a {weight.dtype} tensor of shape {tuple(weight.values.shape)}")
     else:
         values = weight.values
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
+                                               or (bias is not None and bias.requires_grad))
+    if not needs_grad:  # inference: skip autograd bookkeeping (it costs as much as a small layer)
+        return _forward(x, weight if values is weight.values else weight.with_values(values), bias, backend)
     return _NMLinearFn.apply(x, values, bias, weight, backend)

@@ -62,13 +62,13 @@ def _compiled():
 
     def make_dot24(nb: int):
         @intrinsic
-        def dot24(typingctx, vals, voff, meta, moff, x, xoff, xstride, nblk, y, yoff, ystride):
-            # y[yoff + b*ystride] = sum_{blocks} vals . x[xoff + b*xstride + perm]  for b < nb
-            sig = types.void(vals, voff, meta, moff, x, xoff, xstride, nblk, y, yoff, ystride)
+        def dot24(typingctx, vals, voff, meta, moff, x, xoff, xstride, nblk, y, yoff, ystride, bias):
+            # y[yoff + b*ystride] = bias + sum_{blocks} vals . x[xoff + b*xstride + perm]  for b < nb
+            sig = types.void(vals, voff, meta, moff, x, xoff, xstride, nblk, y, yoff, ystride, types.float32)
             is_bf16 = vals.dtype == types.int16
 
             def codegen(context, builder, signature, args):
-                vals_, voff_, meta_, moff_, x_, xoff_, xstride_, nblk_, y_, yoff_, ystride_ = args
+                vals_, voff_, meta_, moff_, x_, xoff_, xstride_, nblk_, y_, yoff_, ystride_, bias_ = args
                 mod = builder.module
 
                 def data(pos, value):
@@ -111,7 +111,7 @@ def _compiled():
                     while len(lanes) > 1:
                         lanes = [builder.fadd(lanes[j], lanes[j + 1]) for j in range(0, len(lanes), 2)]
                     yp = builder.gep(ybase, [builder.add(yoff_, builder.mul(ystride_, c64(b)))])
-                    builder.store(lanes[0], yp)
+                    builder.store(builder.fadd(lanes[0], bias_), yp)
                 return context.get_dummy_value()
 
             return sig, codegen
@@ -130,29 +130,34 @@ def _compiled():
 
     d8, d4, d2, d1 = make_dot24(8), make_dot24(4), make_dot24(2), make_dot24(1)
 
-    @numba.njit(parallel=True, cache=False)
-    def nm24_matmul(vals, meta, x, y, O, K, B):
-        # vals (O*K/2,) f32|i16; meta (O*K/32,) int32; x (B*K,) f32; y (B*O,) f32
+    def nm24_matmul_py(vals, meta, x, y, O, K, B, bias):
+        # vals (O*K/2,) f32|i16; meta (O*K/32,) int32; x (B*K,) f32; y (B*O,) f32; bias (O,) or (0,)
         nblk = K // 32
+        has_bias = bias.shape[0] > 0
         for o in numba.prange(O):
             voff = o * (K // 2)
             moff = o * nblk
+            bv = bias[o] if has_bias else np.float32(0.0)
             b0 = 0
             while b0 + 8 <= B:
-                d8(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O)
+                d8(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O, bv)
                 b0 += 8
             if b0 + 4 <= B:
-                d4(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O)
+                d4(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O, bv)
                 b0 += 4
             if b0 + 2 <= B:
-                d2(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O)
+                d2(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O, bv)
                 b0 += 2
             if b0 < B:
-                d1(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O)
+                d1(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O, bv)
+
+    # small layers skip the thread fork/join, which costs more than the work
+    nm24_parallel = numba.njit(parallel=True)(nm24_matmul_py)
+    nm24_serial = numba.njit(parallel=False)(nm24_matmul_py)
 
     def make_generic(is_bf16: bool):
         @numba.njit(parallel=True, fastmath=False, cache=False)
-        def generic(vals, idx, x, y, O, K, B, n, m, bits):
+        def generic(vals, idx, x, y, O, K, B, bias, n, m, bits):
             # vals (O*NK,) ; idx (O*row_bytes,) uint8 bit stream ; x (B*K,) ; y (B*O,)
             nk = K // m * n
             row_bytes = (nk * bits + 7) // 8
@@ -172,12 +177,13 @@ def _compiled():
                         w = vals[o * nk + j]
                     for b in range(B):
                         acc[b] += w * x[b * K + col]
+                bv = bias[o] if bias.shape[0] > 0 else np.float32(0.0)
                 for b in range(B):
-                    y[b * O + o] = acc[b]
+                    y[b * O + o] = acc[b] + bv
 
         return generic
 
-    return nm24_matmul, make_generic(False), make_generic(True)
+    return (nm24_parallel, nm24_serial), make_generic(False), make_generic(True)
 
 
 def _as_kernel_values(values: torch.Tensor) -> np.ndarray:
@@ -188,29 +194,49 @@ def _as_kernel_values(values: torch.Tensor) -> np.ndarray:
     raise TypeError(f"CPU N:M kernels take float32 or bfloat16 values, got {values.dtype}")
 
 
-def nm_matmul(x2d: torch.Tensor, nmt, *, use_fast: bool | None = None) -> torch.Tensor:
-    """(B, K) float32 contiguous @ W.T -> (B, O) float32, W an NMTensor (float32 or bf16 values).
+_SERIAL_BYTES = 256 << 10  # below this many weight bytes one thread beats a parallel launch
+_NO_BIAS = np.zeros(0, np.float32)
 
-    Inputs are assumed validated by the caller (``sparsewise.nm.functional``).
-    """
+
+def _kernel_args(nmt):
+    # numpy views sharing memory with the NMTensor (in-place updates of the values stay visible)
+    args = nmt._kernel_args
+    if args is None or args[0] is not nmt.values:
+        nmt._kernel_args = args = (nmt.values,) + _select(nmt, None)
+    return args
+
+
+def _select(nmt, use_fast):
     from .tensor import index_bits
 
-    nm24, gen_f32, gen_bf16 = _compiled()
+    (nm24_par, nm24_ser), gen_f32, gen_bf16 = _compiled()
+    vals = _as_kernel_values(nmt.values)
+    fast = nm24_supported(nmt.n, nmt.m, nmt.shape[1]) if use_fast is None else use_fast
+    if fast:
+        kern = nm24_ser if nmt.nbytes < _SERIAL_BYTES else nm24_par
+        return kern, (vals, nmt.indices.numpy().reshape(-1).view(np.int32)), ()
+    kern = gen_bf16 if nmt.values.dtype == torch.bfloat16 else gen_f32
+    return kern, (vals, nmt.indices.numpy().reshape(-1)), (nmt.n, nmt.m, index_bits(nmt.m))
+
+
+def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, use_fast: bool | None = None) -> torch.Tensor:
+    """(B, K) float32 contiguous @ W.T (+ bias) -> (B, O) float32, W an NMTensor (float32 or
+    bf16 values), bias float32 (O,) or None.
+
+    Inputs are assumed validated by the caller (``sparsewise.nm.functional``). ``use_fast``
+    forces (True) or forbids (False) the AVX-512 2:4 kernel; None picks it where it applies.
+    """
     o, k = nmt.shape
     b = x2d.shape[0]
     y = torch.empty(b, o, dtype=torch.float32)
     if b == 0 or o == 0:
-        return y.zero_()
-    xv = x2d.numpy().reshape(-1)
-    yv = y.numpy().reshape(-1)
-    vals = _as_kernel_values(nmt.values)
-    fast = nm24_supported(nmt.n, nmt.m, k) if use_fast is None else use_fast
-    if fast:
-        meta = nmt.indices.numpy().reshape(-1).view(np.int32)
-        nm24(vals, meta, xv, yv, o, k, b)
+        return y
+    if use_fast is None:
+        _, kern, (vals, idx), extra = _kernel_args(nmt)
     else:
-        kern = gen_bf16 if nmt.values.dtype == torch.bfloat16 else gen_f32
-        kern(vals, nmt.indices.numpy().reshape(-1), xv, yv, o, k, b, nmt.n, nmt.m, index_bits(nmt.m))
+        kern, (vals, idx), extra = _select(nmt, use_fast)
+    bias_np = _NO_BIAS if bias is None else bias.numpy()
+    kern(vals, idx, x2d.numpy().reshape(-1), y.numpy().reshape(-1), o, k, b, bias_np, *extra)
     return y
 
 

@@ -62,7 +62,7 @@ class NMTensor:
     True
     """
 
-    __slots__ = ("values", "indices", "n", "m", "shape", "_dense_idx")
+    __slots__ = ("values", "indices", "n", "m", "shape", "_dense_idx", "_kernel_args")
 
     def __init__(self, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, shape: tuple[int, int]):
         n, m = check_nm(n, m)
@@ -81,6 +81,7 @@ class NMTensor:
         self.indices = indices.contiguous()
         self.n, self.m, self.shape = n, m, (o, k)
         self._dense_idx = None
+        self._kernel_args = None  # numpy views for the CPU kernels, built on first use
 
     # ------------------------------------------------------------ construction
     @classmethod

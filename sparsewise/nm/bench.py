@@ -1,0 +1,121 @@
+"""``sparsewise bench nm``: packed N:M linear layers vs torch's F.linear on real layer shapes.
+
+Shapes are nn.Linear weights (out_features, in_features) of Llama-2-7B and SmolLM2-135M, filled
+with random normal values (the shapes are real, the values synthetic: speed does not depend on
+them). Baseline: ``torch.nn.functional.linear`` with the same dtype and thread count, timed
+interleaved with the candidate by :func:`sparsewise.bench.compare`.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..bench import compare, write_results
+from .functional import nm_linear
+from .linear import SparseLinear
+from .tensor import NMTensor
+
+__all__ = ["SHAPES", "BATCHES", "measure", "run", "format_table"]
+
+SHAPES = {
+    "llama2-7b mlp up (11008x4096)": (11008, 4096),
+    "llama2-7b mlp down (4096x11008)": (4096, 11008),
+    "llama2-7b attn (4096x4096)": (4096, 4096),
+    "smollm2 mlp up (1536x576)": (1536, 576),
+    "smollm2 mlp down (576x1536)": (576, 1536),
+    "smollm2 attn (576x576)": (576, 576),
+}
+BATCHES = (1, 8, 32, 256)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _cycle(pool):
+    it = itertools.cycle(pool)
+    return lambda: next(it)
+
+
+def measure(shapes=None, batches=BATCHES, dtypes=("fp32", "bf16"), *, pairs: int = 5, progress=None) -> list[dict]:
+    """Measure kernel and SparseLinear vs F.linear for every (shape, dtype, batch); return rows."""
+    from ..advisor.probe import cached_probe
+
+    shapes = shapes or SHAPES
+    bw = cached_probe()["bandwidth"]["read_gbs_all"]
+    rows = []
+    todo = [(name, dt, b) for name in shapes for dt in dtypes for b in batches]
+    bar = progress(total=len(todo)) if progress else None
+    gen = torch.Generator().manual_seed(0)
+    for name, dt in itertools.product(shapes, dtypes):
+        o, k = shapes[name]
+        dtype = DTYPES[dt]
+        dense = torch.randn(o, k, generator=gen).to(dtype)  # real values: no zero pages
+        packed = NMTensor.from_dense(dense, 2, 4)
+        lin = nn.Linear(k, o, bias=False, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(packed.to_dense())
+        layer = SparseLinear.from_dense(lin)
+        w_pruned = lin.weight.detach()
+        del dense
+        for b in batches:
+            if bar:
+                bar.set_postfix_str(f"{name.split(' (')[0]} {dt} b{b}")
+            pool = [torch.randn(b, k, generator=gen).to(dtype) for _ in range(3)]
+            nxt_a, nxt_b = _cycle(pool), _cycle(pool)
+            # the baseline multiplies by the same pruned weight, stored dense (what users run today)
+            with torch.inference_mode():
+                rk = compare(lambda: nm_linear(nxt_a(), packed), lambda: F.linear(nxt_b(), w_pruned), pairs=pairs,
+                             name=f"kernel {name} {dt} b{b}")
+                # the module against the module it replaces (both pay nn.Module call overhead)
+                rl = compare(lambda: layer(nxt_a()), lambda: lin(nxt_b()), pairs=pairs,
+                             name=f"SparseLinear {name} {dt} b{b}")
+            moved = packed.nbytes + b * (k + o) * 4
+            rows.append({
+                "shape": name, "out_features": o, "in_features": k, "dtype": dt, "batch": b,
+                "kernel_ratio": rk.ratio, "kernel_ratio_min": rk.ratio_min, "kernel_ratio_max": rk.ratio_max,
+                "sparselinear_ratio": rl.ratio, "sparselinear_ratio_min": rl.ratio_min,
+                "kernel_ms": rk.candidate_s * 1e3, "dense_ms": rk.baseline_s * 1e3,
+                "kernel_gbs": moved / rk.candidate_s / 1e9,
+                "kernel_pct_read_bw": 100.0 * moved / rk.candidate_s / 1e9 / bw,
+                "dense_weight_bytes": o * k * torch.tensor([], dtype=dtype).element_size(),
+                "packed_bytes": packed.nbytes, "pairs": rk.pairs, "threads": rk.threads,
+                "sparselinear_path": "dense" if layer._xover is not None and b >= layer._xover else "kernel",
+            })
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of measured rows (ratios > 1: faster than dense F.linear)."""
+    out = ["| layer (out x in) | dtype | batch | kernel vs F.linear | SparseLinear vs nn.Linear (path) | kernel ms | % read BW |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['shape']} | {r['dtype']} | {r['batch']} | {r['kernel_ratio']:.2f}x "
+                   f"| {r['sparselinear_ratio']:.2f}x ({r['sparselinear_path']}) | {r['kernel_ms']:.3f} "
+                   f"| {r['kernel_pct_read_bw']:.0f}% |")
+    return "\n".join(out)
+
+
+def run(args) -> Path:
+    """Entry point of ``sparsewise bench nm``."""
+    from tqdm.auto import tqdm
+
+    from .._util import atomic_write_text, threads
+    from ..advisor.probe import cached_probe
+
+    with threads(args.threads):
+        batches = (1, 8, 32) if args.quick else BATCHES
+        rows = measure(batches=batches, pairs=3 if args.quick else 5, progress=lambda total: tqdm(total=total, desc="bench nm"))
+        table = format_table(rows)
+        out = Path(args.out)
+        path = write_results(out / "nm.json", "nm", rows, machine=cached_probe(),
+                             extra={"baseline": "torch.nn.functional.linear, same dtype and threads",
+                                    "weights": "random normal values in real layer shapes (synthetic values)"})
+        atomic_write_text(out / "nm.md", table + "\n")
+    print(table)
+    return path
