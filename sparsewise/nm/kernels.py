@@ -62,13 +62,13 @@ def _compiled():
 
     def make_dot24(nb: int):
         @intrinsic
-        def dot24(typingctx, vals, voff, meta, moff, x, xoff, xstride, nblk, y, yoff, ystride, bias):
-            # y[yoff + b*ystride] = bias + sum_{blocks} vals . x[xoff + b*xstride + perm]  for b < nb
-            sig = types.void(vals, voff, meta, moff, x, xoff, xstride, nblk, y, yoff, ystride, types.float32)
+        def dot24(typingctx, vals, voff, meta, moff, x, xoff, xstride, xblk, nblk, y, yoff, ystride, bias):
+            # y[yoff + b*ystride] = bias + sum_i vals[i] . x[xoff + b*xstride + i*xblk + perm_i]  for b < nb
+            sig = types.void(vals, voff, meta, moff, x, xoff, xstride, xblk, nblk, y, yoff, ystride, types.float32)
             is_bf16 = vals.dtype == types.int16
 
             def codegen(context, builder, signature, args):
-                vals_, voff_, meta_, moff_, x_, xoff_, xstride_, nblk_, y_, yoff_, ystride_, bias_ = args
+                vals_, voff_, meta_, moff_, x_, xoff_, xstride_, xblk_, nblk_, y_, yoff_, ystride_, bias_ = args
                 mod = builder.module
 
                 def data(pos, value):
@@ -76,7 +76,7 @@ def _compiled():
 
                 vptr = builder.gep(data(0, vals_), [voff_])
                 mptr = builder.gep(data(2, meta_), [moff_])
-                xbase, ybase = data(4, x_), data(8, y_)
+                xbase, ybase = data(4, x_), data(9, y_)
                 perm = cgutils.get_or_insert_function(
                     mod, ir.FunctionType(v16f, [v16f, v16i, v16f]), "llvm.x86.avx512.vpermi2var.ps.512")
                 fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
@@ -97,7 +97,7 @@ def _compiled():
                         w = widen_bf16(builder, builder.load(builder.bitcast(wp, v16s.as_pointer()), align=2))
                     else:
                         w = builder.load(builder.bitcast(wp, v16f.as_pointer()), align=4)
-                    off = builder.mul(i, c64(32))
+                    off = builder.mul(i, xblk_)
                     for b in range(nb):
                         xp = builder.gep(xptrs[b], [off])
                         lo = builder.load(builder.bitcast(xp, v16f.as_pointer()), align=4)
@@ -131,8 +131,11 @@ def _compiled():
     d8, d4, d2, d1 = make_dot24(8), make_dot24(4), make_dot24(2), make_dot24(1)
 
     def nm24_matmul_py(vals, meta, x, y, O, K, B, bias):
-        # vals (O*K/2,) f32|i16; meta (O*K/32,) int32; x (B*K,) f32; y (B*O,) f32; bias (O,) or (0,)
+        # vals (O*K/2,) f32|i16; meta (O*K/32,) int32; y (B*O,) f32; bias (O,) or (0,)
+        # x (B*K,) f32 in block-major order: x[(i*B + b)*32 + j] = x[b, i*32 + j], so the 8 batch
+        # rows of one block sit in 1 KB together (row-major rows 16 KB apart alias in L1 sets)
         nblk = K // 32
+        xblk = B * 32
         has_bias = bias.shape[0] > 0
         for o in numba.prange(O):
             voff = o * (K // 2)
@@ -140,16 +143,16 @@ def _compiled():
             bv = bias[o] if has_bias else np.float32(0.0)
             b0 = 0
             while b0 + 8 <= B:
-                d8(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O, bv)
+                d8(vals, voff, meta, moff, x, b0 * 32, 32, xblk, nblk, y, b0 * O + o, O, bv)
                 b0 += 8
             if b0 + 4 <= B:
-                d4(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O, bv)
+                d4(vals, voff, meta, moff, x, b0 * 32, 32, xblk, nblk, y, b0 * O + o, O, bv)
                 b0 += 4
             if b0 + 2 <= B:
-                d2(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O, bv)
+                d2(vals, voff, meta, moff, x, b0 * 32, 32, xblk, nblk, y, b0 * O + o, O, bv)
                 b0 += 2
             if b0 < B:
-                d1(vals, voff, meta, moff, x, b0 * K, K, nblk, y, b0 * O + o, O, bv)
+                d1(vals, voff, meta, moff, x, b0 * 32, 32, xblk, nblk, y, b0 * O + o, O, bv)
 
     # small layers skip the thread fork/join, which costs more than the work
     nm24_parallel = numba.njit(parallel=True)(nm24_matmul_py)
@@ -236,6 +239,8 @@ def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, use_f
     else:
         kern, (vals, idx), extra = _select(nmt, use_fast)
     bias_np = _NO_BIAS if bias is None else bias.numpy()
+    if not extra and b > 1:  # the 2:4 kernel reads x block-major (see nm24_matmul_py)
+        x2d = x2d.reshape(b, k // 32, 32).transpose(0, 1).contiguous()
     kern(vals, idx, x2d.numpy().reshape(-1), y.numpy().reshape(-1), o, k, b, bias_np, *extra)
     return y
 

@@ -109,7 +109,7 @@ class SparseLinear(nn.Module):
         self.values = nn.Parameter(nmt.values)
         self.register_buffer("indices", nmt.indices)
         self._nm = nmt
-        self._dense = None
+        self._dense = None  # (dense weight, values._version it was built from)
         self._xover = None
 
     @classmethod
@@ -134,8 +134,8 @@ class SparseLinear(nn.Module):
         nm, v, idx = self._nm, self.values, self.indices
         if nm.values.data_ptr() != v.data_ptr() or nm.values.dtype != v.dtype or nm.indices.data_ptr() != idx.data_ptr():
             # values or indices were replaced (module.to(), load_state_dict with assign=True, ...)
-            self._nm = NMTensor(v.detach(), idx, self.config.n, self.config.m, (self.out_features, self.in_features))
-            self._dense, self._xover = None, None
+            self._rebuild()
+            self._xover = None
         return self._nm
 
     def to_linear(self) -> nn.Linear:
@@ -161,9 +161,10 @@ class SparseLinear(nn.Module):
             if self._xover is None:
                 self._xover = crossover_batch(w)
             if batch >= self._xover:
-                if self._dense is None:
-                    self._dense = w.to_dense()
-                return F.linear(x, self._dense, self.bias)
+                # rebuilt whenever the values changed in place (an optimizer step bumps _version)
+                if self._dense is None or self._dense[1] != self.values._version:
+                    self._dense = (w.to_dense(), self.values._version)
+                return F.linear(x, self._dense[0], self.bias)
         # inference fast path: the same kernel call nm_linear makes, minus its per-call checks
         bias = self.bias
         if bias is not None:
@@ -182,8 +183,14 @@ class SparseLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
+        out = super()._load_from_state_dict(*args, **kwargs)
+        self._rebuild()  # indices were copied in place: the cached positions are stale
+        return out
+
+    def _rebuild(self) -> None:
+        self._nm = NMTensor(self.values.detach(), self.indices, self.config.n, self.config.m,
+                            (self.out_features, self.in_features))
         self._dense = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -221,6 +228,9 @@ def sparsify_(model: nn.Module, config: NMConfig = NMConfig(),
             continue
         if filter_fn is not None and not filter_fn(name, module):
             report.skipped[name] = "excluded by filter_fn"
+            continue
+        if name == "":
+            report.skipped["<model>"] = "the model is itself an nn.Linear: use SparseLinear.from_dense(model)"
             continue
         if module.in_features % config.m:
             report.skipped[name] = f"in_features={module.in_features} is not divisible by m={config.m}"

@@ -109,9 +109,10 @@ class NMTensor:
             mask = mask.detach().cpu().to(torch.bool)
             if not is_nm(mask.to(torch.uint8), n, m):
                 raise ValueError(f"mask is not {n}:{m}: some group of {m} keeps more than {n}")
-            # groups keeping fewer than n get explicit zeros at the first free positions
+            # drop what the caller's mask drops (torch.where, not a product: NaN * 0 is NaN) ...
+            w = torch.where(mask, w, torch.zeros((), dtype=w.dtype))
+            # ... then groups keeping fewer than n get explicit zeros at the first free positions
             mask = nm_mask(mask.to(torch.float32), n, m)
-            w = w * mask.to(w.dtype) if not torch.isnan(w).any() else torch.where(mask, w, torch.zeros((), dtype=w.dtype))
         g = k // m
         pos = mask.reshape(o, g, m).nonzero()[:, 2].reshape(o, g, n)  # increasing within a group
         vals = torch.gather(w.reshape(o, g, m), 2, pos).reshape(o, g * n)
@@ -180,7 +181,10 @@ class NMTensor:
             raise ValueError(f"{source}: damaged or foreign N:M metadata: {exc}") from None
         if values.dtype != dtype:
             raise ValueError(f"{source}: values are {values.dtype} but metadata says {dtype}")
-        t = cls(values, indices, n, m, shape)
+        try:
+            t = cls(values, indices, n, m, shape)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{source}: metadata does not match the stored tensors: {exc}") from None
         local = _unpack_bits(t.indices, t.values.shape[1], index_bits(m)).reshape(shape[0], -1, n)
         if (local >= m).any() or (n > 1 and (local[..., 1:] <= local[..., :-1]).any()):
             raise ValueError(f"{source}: corrupted indices (positions out of range or not increasing)")

@@ -1,0 +1,167 @@
+"""CPU N:M kernels (AVX-512 2:4 permute kernel and the generic numba kernel) vs the torch oracle."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sparsewise.nm import NMTensor
+from sparsewise.nm.kernels import avx512_available, nm24_supported, nm_matmul, reference_matmul
+
+PROPS = settings(max_examples=30, deadline=None)
+PATTERNS = [(2, 4), (1, 4), (4, 8), (2, 8), (3, 16)]
+BATCHES = [0, 1, 2, 3, 7, 8, 9, 13, 17]
+needs_avx512 = pytest.mark.skipif(not avx512_available(), reason="the 2:4 permute kernel needs AVX-512F")
+
+
+@st.composite
+def kernel_cases(draw, fast=None):
+    """(n, m, batch, out_features, in_features, dtype, seed).
+
+    fast=True: 2:4 with K % 32 == 0; fast=False: 2:4 with K % 32 != 0 or another pattern."""
+    if fast is True:
+        n, m = 2, 4
+        k = 32 * draw(st.integers(1, 5))
+    else:
+        n, m = draw(st.sampled_from(PATTERNS))
+        if fast is False and (n, m) == (2, 4):
+            k = 4 * draw(st.integers(1, 39).filter(lambda g: g % 8))
+        else:
+            k = m * draw(st.integers(1, 160 // m))
+    o = draw(st.sampled_from([1, 3, 5, 7, 11, 17, 39]))
+    b = draw(st.sampled_from(BATCHES))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return n, m, b, o, k, dtype, seed
+
+
+def make(n, m, b, o, k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(o, k, generator=gen).to(dtype)
+    x = torch.randn(b, k, generator=gen)
+    return x, NMTensor.from_dense(w, n, m)
+
+
+def assert_matches_reference(y, x, nmt):
+    ref = reference_matmul(x, nmt)
+    assert y.dtype == torch.float32
+    assert tuple(y.shape) == (x.shape[0], nmt.shape[0])
+    k = nmt.shape[1]
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * math.sqrt(k))
+
+
+@PROPS
+@given(kernel_cases())
+def test_generic_kernel_matches_reference(case):
+    x, nmt = make(*case)
+    assert_matches_reference(nm_matmul(x, nmt, use_fast=False), x, nmt)
+
+
+@PROPS
+@given(kernel_cases())
+def test_auto_dispatch_matches_reference(case):
+    x, nmt = make(*case)
+    assert_matches_reference(nm_matmul(x, nmt), x, nmt)
+
+
+@PROPS
+@given(kernel_cases(fast=False))
+def test_non_fast_shapes_match_reference(case):
+    n, m, b, o, k, dtype, seed = case
+    assert not nm24_supported(n, m, k)
+    x, nmt = make(*case)
+    assert_matches_reference(nm_matmul(x, nmt), x, nmt)
+
+
+@needs_avx512
+@PROPS
+@given(kernel_cases(fast=True))
+def test_fast_24_kernel_matches_reference_and_generic(case):
+    n, m, b, o, k, dtype, seed = case
+    assert nm24_supported(n, m, k)
+    x, nmt = make(*case)
+    fast = nm_matmul(x, nmt, use_fast=True)
+    assert_matches_reference(fast, x, nmt)
+    torch.testing.assert_close(fast, nm_matmul(x, nmt, use_fast=False), rtol=1e-4, atol=1e-4 * math.sqrt(k))
+
+
+@pytest.mark.parametrize("use_fast", [False, pytest.param(True, marks=needs_avx512)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_hot_inputs_pick_exact_columns(use_fast, dtype):
+    # x = identity: row j of the output is column j of the pruned weight, exactly
+    k, o = 64, 9
+    w = torch.randn(o, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    nmt = NMTensor.from_dense(w, 2, 4)
+    y = nm_matmul(torch.eye(k), nmt, use_fast=use_fast)
+    assert torch.equal(y, nmt.to_dense().float().T)
+
+
+@pytest.mark.parametrize("use_fast", [False, pytest.param(True, marks=needs_avx512)])
+def test_batch_zero_and_output_is_fresh(use_fast):
+    nmt = NMTensor.from_dense(torch.randn(5, 32), 2, 4)
+    y = nm_matmul(torch.empty(0, 32), nmt, use_fast=use_fast)
+    assert tuple(y.shape) == (0, 5) and y.dtype == torch.float32
+    x = torch.randn(3, 32)
+    y1 = nm_matmul(x, nmt, use_fast=use_fast)
+    y2 = nm_matmul(x, nmt, use_fast=use_fast)
+    assert torch.equal(y1, y2) and y1.data_ptr() != y2.data_ptr()  # deterministic, not aliased
+
+
+def test_reference_is_dense_matmul():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(4, 16, generator=gen)
+    nmt = NMTensor.from_dense(w, 2, 4)
+    x = torch.randn(3, 16, generator=gen)
+    assert torch.equal(reference_matmul(x, nmt), x @ nmt.to_dense().T)
+    xb = x.to(torch.bfloat16)
+    assert reference_matmul(xb, nmt).dtype == torch.float32
+
+
+def test_nm24_supported():
+    assert nm24_supported(2, 4, 64) == avx512_available()
+    assert nm24_supported(2, 4, 32) == avx512_available()
+    assert not nm24_supported(2, 4, 36)
+    assert not nm24_supported(2, 4, 16)
+    assert not nm24_supported(1, 4, 64)
+    assert not nm24_supported(4, 8, 64)
+    assert isinstance(avx512_available(), bool)
+
+
+def test_kernel_rejects_unsupported_value_dtype():
+    nmt = NMTensor.from_dense(torch.randn(3, 16, dtype=torch.float16), 2, 4)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        nm_matmul(torch.randn(2, 16), nmt)
+
+
+@pytest.mark.parametrize("use_fast", [False, pytest.param(True, marks=needs_avx512)])
+def test_integer_valued_inputs_are_exact(use_fast):
+    # bf16 weights are widened exactly; small-integer products and sums are exact in fp32
+    k, o = 32, 3
+    w = torch.arange(o * k, dtype=torch.float32).reshape(o, k).remainder(7).sub(3).to(torch.bfloat16)
+    nmt = NMTensor.from_dense(w, 2, 4)
+    x = torch.arange(5 * k, dtype=torch.float32).reshape(5, k).remainder(5).sub(2)
+    assert torch.equal(nm_matmul(x, nmt, use_fast=use_fast), reference_matmul(x, nmt))
+    assert np.isfinite(nm_matmul(x, nmt, use_fast=use_fast).numpy()).all()
+
+
+@pytest.mark.parametrize("use_fast", [False, pytest.param(True, marks=needs_avx512)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_batch_tail_1_to_17(use_fast, dtype):
+    # the 2:4 kernel walks the batch in blocks of 8, 4, 2, 1: every remainder must be covered
+    gen = torch.Generator().manual_seed(3)
+    nmt = NMTensor.from_dense(torch.randn(7, 96, generator=gen).to(dtype), 2, 4)
+    x = torch.randn(17, 96, generator=gen)
+    for b in range(1, 18):
+        assert_matches_reference(nm_matmul(x[:b].contiguous(), nmt, use_fast=use_fast), x[:b], nmt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_weight(dtype):
+    # a weight of a few hundred KiB: big enough that the kernels may split rows across threads
+    gen = torch.Generator().manual_seed(4)
+    nmt = NMTensor.from_dense(torch.randn(256, 1024, generator=gen).to(dtype), 2, 4)
+    assert nmt.nbytes > 256 << 10
+    x = torch.randn(9, 1024, generator=gen)
+    assert_matches_reference(nm_matmul(x, nmt), x, nmt)
+    assert_matches_reference(nm_matmul(x, nmt, use_fast=False), x, nmt)
