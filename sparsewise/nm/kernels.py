@@ -60,58 +60,66 @@ def _compiled():
         # bf16 bits -> fp32: the bf16 pattern is the high half of the fp32 pattern
         return builder.bitcast(builder.shl(builder.zext(raw16, v16i), ir.Constant(v16i, [16] * 16)), v16f)
 
-    def make_dot24(nb: int):
+    def make_dot24(nb: int, nr: int):
         @intrinsic
-        def dot24(typingctx, vals, voff, meta, moff, x, xoff, xstride, xblk, nblk, y, yoff, ystride, bias):
-            # y[yoff + b*ystride] = bias + sum_i vals[i] . x[xoff + b*xstride + i*xblk + perm_i]  for b < nb
-            sig = types.void(vals, voff, meta, moff, x, xoff, xstride, xblk, nblk, y, yoff, ystride, types.float32)
+        def dot24(typingctx, vals, voff, vrow, meta, moff, x, xoff, xblk, nblk, y, yoff, ystride):
+            # For rows r < nr and batch rows b < nb:
+            #   y[yoff + r + b*ystride] = sum_i vals[voff + r*vrow + 16i : +16] . x[xoff + i*xblk + 32b + perm(r, i)]
+            # x is block-major (the batch rows of one 32-input block are 32 floats apart), so the nr
+            # rows share every x load: x comes from L2 once per nr rows, not once per row.
+            sig = types.void(vals, voff, vrow, meta, moff, x, xoff, xblk, nblk, y, yoff, ystride)
             is_bf16 = vals.dtype == types.int16
 
             def codegen(context, builder, signature, args):
-                vals_, voff_, meta_, moff_, x_, xoff_, xstride_, xblk_, nblk_, y_, yoff_, ystride_, bias_ = args
+                vals_, voff_, vrow_, meta_, moff_, x_, xoff_, xblk_, nblk_, y_, yoff_, ystride_ = args
                 mod = builder.module
 
                 def data(pos, value):
                     return context.make_array(signature.args[pos])(context, builder, value).data
 
-                vptr = builder.gep(data(0, vals_), [voff_])
-                mptr = builder.gep(data(2, meta_), [moff_])
-                xbase, ybase = data(4, x_), data(9, y_)
+                vptrs = [builder.gep(data(0, vals_), [builder.add(voff_, builder.mul(vrow_, c64(r)))]) for r in range(nr)]
+                mptrs = [builder.gep(data(3, meta_), [builder.add(moff_, builder.mul(nblk_, c64(r)))]) for r in range(nr)]
+                xstart, ybase = builder.gep(data(5, x_), [xoff_]), data(9, y_)
                 perm = cgutils.get_or_insert_function(
                     mod, ir.FunctionType(v16f, [v16f, v16i, v16f]), "llvm.x86.avx512.vpermi2var.ps.512")
                 fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
                 zero = ir.Constant(v16f, [0.0] * 16)
-                accs = [cgutils.alloca_once_value(builder, zero) for _ in range(nb)]
+                accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nb)] for _ in range(nr)]
                 shifts = ir.Constant(v16i, [2 * k for k in range(16)])
                 base = ir.Constant(v16i, [(k // 2) * 4 for k in range(16)])
                 three = ir.Constant(v16i, [3] * 16)
-                xptrs = [builder.gep(xbase, [builder.add(xoff_, builder.mul(xstride_, c64(b)))]) for b in range(nb)]
                 with cgutils.for_range(builder, nblk_) as loop:
                     i = loop.index
-                    word = builder.bitcast(builder.load(builder.gep(mptr, [i])), i32)
-                    wv = builder.insert_element(ir.Constant(v16i, ir.Undefined), word, ir.Constant(i32, 0))
-                    wv = builder.shuffle_vector(wv, ir.Constant(v16i, ir.Undefined), ir.Constant(v16i, [0] * 16))
-                    idx = builder.add(builder.and_(builder.lshr(wv, shifts), three), base)
-                    wp = builder.gep(vptr, [builder.mul(i, c64(16))])
-                    if is_bf16:
-                        w = widen_bf16(builder, builder.load(builder.bitcast(wp, v16s.as_pointer()), align=2))
-                    else:
-                        w = builder.load(builder.bitcast(wp, v16f.as_pointer()), align=4)
-                    off = builder.mul(i, xblk_)
+                    idxs, ws = [], []
+                    for r in range(nr):
+                        # 16 two-bit positions -> permutation indices into the block's 32 inputs
+                        word = builder.bitcast(builder.load(builder.gep(mptrs[r], [i])), i32)
+                        wv = builder.insert_element(ir.Constant(v16i, ir.Undefined), word, ir.Constant(i32, 0))
+                        wv = builder.shuffle_vector(wv, ir.Constant(v16i, ir.Undefined), ir.Constant(v16i, [0] * 16))
+                        idxs.append(builder.add(builder.and_(builder.lshr(wv, shifts), three), base))
+                        wp = builder.gep(vptrs[r], [builder.mul(i, c64(16))])
+                        if is_bf16:
+                            ws.append(widen_bf16(builder, builder.load(builder.bitcast(wp, v16s.as_pointer()), align=2)))
+                        else:
+                            ws.append(builder.load(builder.bitcast(wp, v16f.as_pointer()), align=4))
+                    xblock = builder.gep(xstart, [builder.mul(i, xblk_)])
                     for b in range(nb):
-                        xp = builder.gep(xptrs[b], [off])
+                        # constant offsets from one pointer: they fold into the addressing mode
+                        xp = builder.gep(xblock, [c64(32 * b)])
                         lo = builder.load(builder.bitcast(xp, v16f.as_pointer()), align=4)
                         hi = builder.load(builder.bitcast(builder.gep(xp, [c64(16)]), v16f.as_pointer()), align=4)
-                        picked = builder.call(perm, [lo, idx, hi])
-                        builder.store(builder.call(fma, [w, picked, builder.load(accs[b])]), accs[b])
-                for b in range(nb):
-                    acc = builder.load(accs[b])
-                    # pairwise tree sum of the 16 lanes
-                    lanes = [builder.extract_element(acc, ir.Constant(i32, k)) for k in range(16)]
-                    while len(lanes) > 1:
-                        lanes = [builder.fadd(lanes[j], lanes[j + 1]) for j in range(0, len(lanes), 2)]
-                    yp = builder.gep(ybase, [builder.add(yoff_, builder.mul(ystride_, c64(b)))])
-                    builder.store(builder.fadd(lanes[0], bias_), yp)
+                        for r in range(nr):
+                            picked = builder.call(perm, [lo, idxs[r], hi])
+                            builder.store(builder.call(fma, [ws[r], picked, builder.load(accs[r][b])]), accs[r][b])
+                for r in range(nr):
+                    for b in range(nb):
+                        acc = builder.load(accs[r][b])
+                        # pairwise tree sum of the 16 lanes
+                        lanes = [builder.extract_element(acc, ir.Constant(i32, k)) for k in range(16)]
+                        while len(lanes) > 1:
+                            lanes = [builder.fadd(lanes[j], lanes[j + 1]) for j in range(0, len(lanes), 2)]
+                        yp = builder.gep(ybase, [builder.add(builder.add(yoff_, c64(r)), builder.mul(ystride_, c64(b)))])
+                        builder.store(lanes[0], yp)
                 return context.get_dummy_value()
 
             return sig, codegen
@@ -128,31 +136,45 @@ def _compiled():
 
         return sig, codegen
 
-    d8, d4, d2, d1 = make_dot24(8), make_dot24(4), make_dot24(2), make_dot24(1)
+    # (batch rows, output rows) per call: 4x4 keeps 16 accumulators + 4 weights + 4 permutations +
+    # 2 x registers inside the 32 zmm registers; the 1-row variants take the rows left over
+    q44, q24, q14 = make_dot24(4, 4), make_dot24(2, 4), make_dot24(1, 4)
+    q41, q21, q11 = make_dot24(4, 1), make_dot24(2, 1), make_dot24(1, 1)
 
     def nm24_matmul_py(vals, meta, x, y, O, K, B, bias):
         # vals (O*K/2,) f32|i16; meta (O*K/32,) int32; y (B*O,) f32; bias (O,) or (0,)
-        # x (B*K,) f32 in block-major order: x[(i*B + b)*32 + j] = x[b, i*32 + j], so the 8 batch
-        # rows of one block sit in 1 KB together (row-major rows 16 KB apart alias in L1 sets)
+        # x (B*K,) f32 in block-major order: x[(i*B + b)*32 + j] = x[b, i*32 + j]
         nblk = K // 32
+        half = K // 2
         xblk = B * 32
-        has_bias = bias.shape[0] > 0
-        for o in numba.prange(O):
-            voff = o * (K // 2)
-            moff = o * nblk
-            bv = bias[o] if has_bias else np.float32(0.0)
-            b0 = 0
-            while b0 + 8 <= B:
-                d8(vals, voff, meta, moff, x, b0 * 32, 32, xblk, nblk, y, b0 * O + o, O, bv)
-                b0 += 8
-            if b0 + 4 <= B:
-                d4(vals, voff, meta, moff, x, b0 * 32, 32, xblk, nblk, y, b0 * O + o, O, bv)
-                b0 += 4
-            if b0 + 2 <= B:
-                d2(vals, voff, meta, moff, x, b0 * 32, 32, xblk, nblk, y, b0 * O + o, O, bv)
-                b0 += 2
-            if b0 < B:
-                d1(vals, voff, meta, moff, x, b0 * 32, 32, xblk, nblk, y, b0 * O + o, O, bv)
+        groups = (O + 3) // 4
+        for g in numba.prange(groups):
+            o0 = g * 4
+            if o0 + 4 <= O and B > 1:
+                b0 = 0
+                while b0 + 4 <= B:
+                    q44(vals, o0 * half, half, meta, o0 * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o0, O)
+                    b0 += 4
+                if b0 + 2 <= B:
+                    q24(vals, o0 * half, half, meta, o0 * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o0, O)
+                    b0 += 2
+                if b0 < B:
+                    q14(vals, o0 * half, half, meta, o0 * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o0, O)
+            else:
+                for o in range(o0, min(o0 + 4, O)):
+                    b0 = 0
+                    while b0 + 4 <= B:
+                        q41(vals, o * half, half, meta, o * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o, O)
+                        b0 += 4
+                    if b0 + 2 <= B:
+                        q21(vals, o * half, half, meta, o * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o, O)
+                        b0 += 2
+                    if b0 < B:
+                        q11(vals, o * half, half, meta, o * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o, O)
+            if bias.shape[0] > 0:
+                for o in range(o0, min(o0 + 4, O)):
+                    for b in range(B):
+                        y[b * O + o] += bias[o]
 
     # small layers skip the thread fork/join, which costs more than the work
     nm24_parallel = numba.njit(parallel=True)(nm24_matmul_py)
