@@ -148,39 +148,48 @@ class SparseLinear(nn.Module):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_nm
-        training = torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad)
-        lean = (not training and isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() >= 1
-                and x.dtype == w.dtype and x.shape[-1] == self.in_features and w.dtype in _KERNEL_DTYPES)
-        if not lean:  # training, or input that nm_linear must check and explain
-            return nm_linear(x, w, self.bias, values=self.values if training else None)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        batch = x2.shape[0]
-        if self.config.dense_fallback and batch > 1:
-            if self._xover is None:
-                self._xover = crossover_batch(w)
-            if batch >= self._xover:
+        # Hot path for decode-sized calls: every attribute access below is a plain dict lookup
+        # (nn.Module.__getattr__ costs more than the small layers' own work).
+        params = self._parameters
+        v, bias = params["values"], params.get("bias")
+        nm = self._nm
+        if nm.values.data_ptr() != v.data_ptr() or nm.values.dtype != v.dtype:
+            nm = self.weight_nm
+        dtype = nm.values.dtype
+        if (not isinstance(x, torch.Tensor) or (torch.is_grad_enabled() and (v.requires_grad or x.requires_grad))
+                or x.dtype != dtype or dtype not in _KERNEL_DTYPES or x.dim() < 1
+                or x.shape[-1] != self.in_features or x.device.type != "cpu"):
+            # training, or input that nm_linear must check and explain
+            training = isinstance(x, torch.Tensor) and torch.is_grad_enabled() and (v.requires_grad or x.requires_grad)
+            return nm_linear(x, nm, bias, values=v if training else None)
+        batch = x.numel() // self.in_features
+        if batch > 1 and self.config.dense_fallback:
+            xover = self._xover
+            if xover is None:
+                xover = self._xover = crossover_batch(nm)
+            if batch >= xover:
+                dense = self._dense
                 # rebuilt whenever the values changed in place (an optimizer step bumps _version)
-                if self._dense is None or self._dense[1] != self.values._version:
-                    self._dense = (w.to_dense(), self.values._version)
-                return F.linear(x, self._dense[0], self.bias)
-        # inference fast path: the same kernel call nm_linear makes, minus its per-call checks
-        bias = self.bias
+                if dense is None or dense[1] != v._version:
+                    dense = self._dense = (nm.to_dense(), v._version)
+                return F.linear(x, dense[0], bias)
         if bias is not None:
             bias = bias.detach()
             if bias.dtype != torch.float32:
                 bias = bias.to(torch.float32)
-        if x2.dtype != torch.float32:
+        x2 = x.reshape(batch, self.in_features)
+        if dtype != torch.float32:
             x2 = x2.to(torch.float32)
-        y = nm_matmul(x2.contiguous(), w, bias)
-        if x.dtype != torch.float32:
-            y = y.to(x.dtype)
-        return y.reshape(*lead, self.out_features)
+        y = nm_matmul(x2.contiguous(), nm, bias)
+        if dtype != torch.float32:
+            y = y.to(dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
-        self._dense, self._xover = None, None  # device or dtype may change
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._rebuild()  # device or dtype may have changed
+        self._xover = None
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         out = super()._load_from_state_dict(*args, **kwargs)
