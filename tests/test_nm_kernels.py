@@ -1,4 +1,4 @@
-"""CPU N:M kernels (AVX-512 2:4 permute kernel and the generic numba kernel) vs the torch oracle."""
+"""CPU N:M kernels (AVX-512 2:4 "perm" and "dp" kernels, generic numba kernel) vs the torch oracle."""
 import math
 
 import numpy as np
@@ -7,12 +7,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from sparsewise.nm import NMTensor
-from sparsewise.nm.kernels import avx512_available, nm24_supported, nm_matmul, reference_matmul
+from sparsewise.nm.kernels import available_kernels, avx512_available, nm24_supported, nm_matmul, reference_matmul
 
 PROPS = settings(max_examples=30, deadline=None)
 PATTERNS = [(2, 4), (1, 4), (4, 8), (2, 8), (3, 16)]
 BATCHES = [0, 1, 2, 3, 7, 8, 9, 13, 17]
 needs_avx512 = pytest.mark.skipif(not avx512_available(), reason="the 2:4 permute kernel needs AVX-512F")
+needs_dp = pytest.mark.skipif("dp" not in available_kernels(NMTensor.from_dense(torch.randn(1, 64, dtype=torch.bfloat16))),
+                              reason="the 2:4 bf16 dot-product kernel needs AVX512_BF16")
 
 
 @st.composite
@@ -43,8 +45,10 @@ def make(n, m, b, o, k, dtype, seed):
     return x, NMTensor.from_dense(w, n, m)
 
 
-def assert_matches_reference(y, x, nmt):
-    ref = reference_matmul(x, nmt)
+def assert_matches_reference(y, x, nmt, kernel=None):
+    # the "dp" kernel multiplies bf16 x (as dense bf16 layers do): compare on the rounded input
+    used = kernel or available_kernels(nmt)[0]
+    ref = reference_matmul(x.to(torch.bfloat16) if used == "dp" else x, nmt)
     assert y.dtype == torch.float32
     assert tuple(y.shape) == (x.shape[0], nmt.shape[0])
     k = nmt.shape[1]
@@ -55,7 +59,7 @@ def assert_matches_reference(y, x, nmt):
 @given(kernel_cases())
 def test_generic_kernel_matches_reference(case):
     x, nmt = make(*case)
-    assert_matches_reference(nm_matmul(x, nmt, use_fast=False), x, nmt)
+    assert_matches_reference(nm_matmul(x, nmt, kernel="generic"), x, nmt, "generic")
 
 
 @PROPS
@@ -77,34 +81,47 @@ def test_non_fast_shapes_match_reference(case):
 @needs_avx512
 @PROPS
 @given(kernel_cases(fast=True))
-def test_fast_24_kernel_matches_reference_and_generic(case):
+def test_fast_24_kernels_match_reference_and_generic(case):
     n, m, b, o, k, dtype, seed = case
     assert nm24_supported(n, m, k)
     x, nmt = make(*case)
-    fast = nm_matmul(x, nmt, use_fast=True)
-    assert_matches_reference(fast, x, nmt)
-    torch.testing.assert_close(fast, nm_matmul(x, nmt, use_fast=False), rtol=1e-4, atol=1e-4 * math.sqrt(k))
+    kernels = available_kernels(nmt)
+    assert "perm" in kernels
+    for kernel in kernels:
+        y = nm_matmul(x, nmt, kernel=kernel)
+        assert_matches_reference(y, x, nmt, kernel)
+        xin = x.to(torch.bfloat16) if kernel == "dp" else x
+        torch.testing.assert_close(y, nm_matmul(xin, nmt, kernel="generic"), rtol=1e-4, atol=1e-4 * math.sqrt(k))
 
 
-@pytest.mark.parametrize("use_fast", [False, pytest.param(True, marks=needs_avx512)])
+def test_unusable_kernel_is_refused():
+    nmt = NMTensor.from_dense(torch.randn(3, 36), 2, 4)  # K % 32 != 0: only the generic kernel
+    assert available_kernels(nmt) == ["generic"]
+    with pytest.raises(ValueError, match="cannot run"):
+        nm_matmul(torch.randn(2, 36), nmt, kernel="perm")
+
+
+@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512), pytest.param("dp", marks=needs_dp)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_hot_inputs_pick_exact_columns(use_fast, dtype):
+def test_one_hot_inputs_pick_exact_columns(kernel, dtype):
+    if kernel == "dp" and dtype != torch.bfloat16:
+        pytest.skip("the dp kernel takes bf16 weights")
     # x = identity: row j of the output is column j of the pruned weight, exactly
     k, o = 64, 9
     w = torch.randn(o, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     nmt = NMTensor.from_dense(w, 2, 4)
-    y = nm_matmul(torch.eye(k), nmt, use_fast=use_fast)
+    y = nm_matmul(torch.eye(k), nmt, kernel=kernel)
     assert torch.equal(y, nmt.to_dense().float().T)
 
 
-@pytest.mark.parametrize("use_fast", [False, pytest.param(True, marks=needs_avx512)])
-def test_batch_zero_and_output_is_fresh(use_fast):
+@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512)])
+def test_batch_zero_and_output_is_fresh(kernel):
     nmt = NMTensor.from_dense(torch.randn(5, 32), 2, 4)
-    y = nm_matmul(torch.empty(0, 32), nmt, use_fast=use_fast)
+    y = nm_matmul(torch.empty(0, 32), nmt, kernel=kernel)
     assert tuple(y.shape) == (0, 5) and y.dtype == torch.float32
     x = torch.randn(3, 32)
-    y1 = nm_matmul(x, nmt, use_fast=use_fast)
-    y2 = nm_matmul(x, nmt, use_fast=use_fast)
+    y1 = nm_matmul(x, nmt, kernel=kernel)
+    y2 = nm_matmul(x, nmt, kernel=kernel)
     assert torch.equal(y1, y2) and y1.data_ptr() != y2.data_ptr()  # deterministic, not aliased
 
 
@@ -134,26 +151,26 @@ def test_kernel_rejects_unsupported_value_dtype():
         nm_matmul(torch.randn(2, 16), nmt)
 
 
-@pytest.mark.parametrize("use_fast", [False, pytest.param(True, marks=needs_avx512)])
-def test_integer_valued_inputs_are_exact(use_fast):
+@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512)])
+def test_integer_valued_inputs_are_exact(kernel):
     # bf16 weights are widened exactly; small-integer products and sums are exact in fp32
     k, o = 32, 3
     w = torch.arange(o * k, dtype=torch.float32).reshape(o, k).remainder(7).sub(3).to(torch.bfloat16)
     nmt = NMTensor.from_dense(w, 2, 4)
     x = torch.arange(5 * k, dtype=torch.float32).reshape(5, k).remainder(5).sub(2)
-    assert torch.equal(nm_matmul(x, nmt, use_fast=use_fast), reference_matmul(x, nmt))
-    assert np.isfinite(nm_matmul(x, nmt, use_fast=use_fast).numpy()).all()
+    assert torch.equal(nm_matmul(x, nmt, kernel=kernel), reference_matmul(x, nmt))
+    assert np.isfinite(nm_matmul(x, nmt, kernel=kernel).numpy()).all()
 
 
-@pytest.mark.parametrize("use_fast", [False, pytest.param(True, marks=needs_avx512)])
+@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_batch_tail_1_to_17(use_fast, dtype):
+def test_every_batch_tail_1_to_17(kernel, dtype):
     # the 2:4 kernel walks the batch in blocks of 8, 4, 2, 1: every remainder must be covered
     gen = torch.Generator().manual_seed(3)
     nmt = NMTensor.from_dense(torch.randn(7, 96, generator=gen).to(dtype), 2, 4)
     x = torch.randn(17, 96, generator=gen)
     for b in range(1, 18):
-        assert_matches_reference(nm_matmul(x[:b].contiguous(), nmt, use_fast=use_fast), x[:b], nmt)
+        assert_matches_reference(nm_matmul(x[:b].contiguous(), nmt, kernel=kernel), x[:b], nmt)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -164,4 +181,4 @@ def test_large_weight(dtype):
     assert nmt.nbytes > 256 << 10
     x = torch.randn(9, 1024, generator=gen)
     assert_matches_reference(nm_matmul(x, nmt), x, nmt)
-    assert_matches_reference(nm_matmul(x, nmt, use_fast=False), x, nmt)
+    assert_matches_reference(nm_matmul(x, nmt, kernel="generic"), x, nmt, "generic")

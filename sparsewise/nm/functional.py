@@ -43,7 +43,7 @@ def _forward(x: torch.Tensor, weight: NMTensor, bias: torch.Tensor | None, backe
             y += bias.to(torch.float32)
     else:
         b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
-        y = nm_matmul(x2.to(torch.float32).contiguous(), weight, b32)
+        y = nm_matmul(x2, weight, b32)
     return y.to(x.dtype).reshape(*lead, weight.shape[0])
 
 

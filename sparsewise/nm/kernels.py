@@ -1,18 +1,22 @@
 """CPU kernels for y = x @ W.T with W in packed N:M form (see tensor.py for the layout).
 
 Legend: B = batch rows of x, K = in_features, O = out_features, NK = kept values per row,
-b = index bits. All arrays are flat, C-contiguous: x (B*K,) float32, y (B*O,) float32,
-vals (O*NK,) float32 or int16 (bf16 bit patterns), meta/indices the packed index bytes.
+b = index bits. All arrays are flat, C-contiguous: y (B*O,) float32, vals (O*NK,) float32 or
+int16 (bf16 bit patterns), meta/indices the packed index bytes, x float32 (or bf16 bits).
 
-Two kernels:
-- ``nm24_matmul``: 2:4 with K % 32 == 0 on AVX-512. Per row and per 32 inputs it loads 16 kept
-  values and one uint32 of indices, turns the indices into a permutation (broadcast, shift, mask,
-  add group base) and picks the matching x values with one ``vpermi2ps`` from two registers,
-  then one FMA. Weights are read once per 8 batch rows; bf16 values are widened in registers.
-  Written as LLVM IR through numba intrinsics because numba cannot express the permute.
-- ``nm_matmul_generic``: any N:M, any K, scalar numba; the fallback and the non-2:4 path.
-
-Both are checked against the pure-torch reference ``reference_matmul`` in the tests.
+Kernels (each checked against the pure-torch ``reference_matmul`` in the tests):
+- 2:4, "perm" (AVX-512F, K % 32 == 0): per row and 32 inputs, load 16 kept values and one uint32
+  of 2-bit positions, turn the positions into a permutation (broadcast, shift, mask, add group
+  base), pick the matching x values from two registers with one ``vpermi2ps``, one FMA. bf16
+  values are widened in registers. x in fp32.
+- 2:4, "dp" (AVX512_BF16, bf16 values, K % 64 == 0): per row and 64 inputs, 32 kept bf16 values
+  (one pair per group) against x pairs picked with one ``vpermi2w`` from 64 bf16 inputs, one
+  ``vdpbf16ps`` (two products per fp32 lane, fp32 accumulation): half the instructions of "perm".
+  x in bf16, as the dense bf16 path uses it.
+  Both compute 4 output rows per pass so the rows share every x load, with x stored block-major
+  (the batch rows of one block side by side) so those loads come from a few cache lines.
+  Written as LLVM IR through numba intrinsics: numba cannot express the permutes.
+- generic: any N:M, any K, scalar numba; the fallback and the non-2:4 path.
 """
 from __future__ import annotations
 
@@ -21,24 +25,33 @@ import functools
 import numpy as np
 import torch
 
-__all__ = ["avx512_available", "nm24_supported", "nm_matmul", "reference_matmul"]
+__all__ = ["cpu_flags", "avx512_available", "nm24_supported", "available_kernels", "nm_matmul", "reference_matmul"]
 
 
 @functools.lru_cache(maxsize=1)
-def avx512_available() -> bool:
-    """True when the CPU has AVX-512F (the 2:4 permute kernel needs it)."""
+def cpu_flags() -> frozenset:
+    """The CPU feature flags of this machine (from /proc/cpuinfo; empty if unreadable)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("flags"):
-                    return "avx512f" in line.split()
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def avx512_available() -> bool:
+    """True when the CPU has AVX-512F (the 2:4 permute kernel needs it)."""
+    return "avx512f" in cpu_flags()
 
 
 def nm24_supported(n: int, m: int, k: int) -> bool:
     return n == 2 and m == 4 and k % 32 == 0 and avx512_available()
+
+
+def _dp_supported(values: torch.Tensor, k: int) -> bool:
+    return values.dtype == torch.bfloat16 and k % 64 == 0 and {"avx512bw", "avx512_bf16"} <= cpu_flags()
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,73 +63,130 @@ def _compiled():
     from numba.core import cgutils
     from numba.extending import intrinsic
 
+    class BFloat(ir.Type):  # llvmlite has no bfloat type; LLVM's dpbf16ps intrinsic wants one
+        def _to_string(self):
+            return "bfloat"
+
+        def __eq__(self, other):
+            return isinstance(other, BFloat)
+
+        def __hash__(self):
+            return hash("bfloat")
+
     f32, i16, i32, i64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
     v16f, v16i, v16s = ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(i16, 16)
+    v32s, v8q, v32bf = ir.VectorType(i16, 32), ir.VectorType(i64, 8), ir.VectorType(BFloat(), 32)
 
     def c64(v):
         return ir.Constant(i64, v)
 
-    def widen_bf16(builder, raw16):
-        # bf16 bits -> fp32: the bf16 pattern is the high half of the fp32 pattern
-        return builder.bitcast(builder.shl(builder.zext(raw16, v16i), ir.Constant(v16i, [16] * 16)), v16f)
+    def splat(builder, scalar, vty, n):
+        v = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(i32, 0))
+        return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, n), [0] * n))
 
-    def make_dot24(nb: int, nr: int):
+    def vload(builder, ptr, vty, align):
+        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=align)
+
+    class Perm:
+        """fp32 FMA on x values picked by vpermi2ps; 32 inputs (16 kept values) per block."""
+        blk = 32
+
+        def __init__(self, mod, bf16_values):
+            self.bf16 = bf16_values
+            self.perm = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(v16f, [v16f, v16i, v16f]), "llvm.x86.avx512.vpermi2var.ps.512")
+            self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
+            self.shifts = ir.Constant(v16i, [2 * k for k in range(16)])
+            self.base = ir.Constant(v16i, [(k // 2) * 4 for k in range(16)])
+            self.three = ir.Constant(v16i, [3] * 16)
+
+        def decode(self, builder, mptr, i):
+            word = builder.bitcast(builder.load(builder.gep(mptr, [i])), i32)
+            return builder.add(builder.and_(builder.lshr(splat(builder, word, v16i, 16), self.shifts), self.three),
+                               self.base)
+
+        def weights(self, builder, vptr, i):
+            wp = builder.gep(vptr, [builder.mul(i, c64(16))])
+            if self.bf16:  # bf16 bits are the high half of the fp32 bits
+                raw = builder.zext(vload(builder, wp, v16s, 2), v16i)
+                return builder.bitcast(builder.shl(raw, ir.Constant(v16i, [16] * 16)), v16f)
+            return vload(builder, wp, v16f, 4)
+
+        def x_pair(self, builder, xp):
+            return vload(builder, xp, v16f, 4), vload(builder, builder.gep(xp, [c64(16)]), v16f, 4)
+
+        def step(self, builder, acc, w, idx, lo, hi):
+            return builder.call(self.fma, [w, builder.call(self.perm, [lo, idx, hi]), acc])
+
+    class Dp:
+        """bf16 pair dot products (vdpbf16ps) on x pairs picked by vpermi2w; 64 inputs per block."""
+        blk = 64
+
+        def __init__(self, mod, bf16_values):
+            assert bf16_values
+            self.perm = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(v32s, [v32s, v32s, v32s]), "llvm.x86.avx512.vpermi2var.hi.512")
+            self.dp = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(v16f, [v16f, v32bf, v32bf]), "llvm.x86.avx512bf16.dpbf16ps.512")
+            # kept value j of a block: its 2-bit code sits in 16-bit chunk j // 8 of the uint64
+            self.chunk = ir.Constant(ir.VectorType(i32, 32), [j // 8 for j in range(32)])
+            self.shifts = ir.Constant(v32s, [2 * (j % 8) for j in range(32)])
+            self.base = ir.Constant(v32s, [4 * (j // 2) for j in range(32)])
+            self.three = ir.Constant(v32s, [3] * 32)
+
+        def decode(self, builder, mptr, i):
+            q = builder.load(builder.gep(mptr, [i]))
+            halves = builder.bitcast(splat(builder, q, v8q, 8), v32s)
+            halves = builder.shuffle_vector(halves, ir.Constant(v32s, ir.Undefined), self.chunk)
+            return builder.add(builder.and_(builder.lshr(halves, self.shifts), self.three), self.base)
+
+        def weights(self, builder, vptr, i):
+            return builder.bitcast(vload(builder, builder.gep(vptr, [builder.mul(i, c64(32))]), v32s, 2), v32bf)
+
+        def x_pair(self, builder, xp):
+            return vload(builder, xp, v32s, 2), vload(builder, builder.gep(xp, [c64(32)]), v32s, 2)
+
+        def step(self, builder, acc, w, idx, lo, hi):
+            return builder.call(self.dp, [acc, w, builder.bitcast(builder.call(self.perm, [lo, idx, hi]), v32bf)])
+
+    def make_dot(scheme, nb: int, nr: int):
         @intrinsic
-        def dot24(typingctx, vals, voff, vrow, meta, moff, x, xoff, xblk, nblk, y, yoff, ystride):
-            # For rows r < nr and batch rows b < nb:
-            #   y[yoff + r + b*ystride] = sum_i vals[voff + r*vrow + 16i : +16] . x[xoff + i*xblk + 32b + perm(r, i)]
-            # x is block-major (the batch rows of one 32-input block are 32 floats apart), so the nr
-            # rows share every x load: x comes from L2 once per nr rows, not once per row.
-            sig = types.void(vals, voff, vrow, meta, moff, x, xoff, xblk, nblk, y, yoff, ystride)
-            is_bf16 = vals.dtype == types.int16
+        def dot(typingctx, vals, voff, vrow, meta, moff, mrow, x, xoff, xblk, nblk, y, yoff, ystride):
+            # For output rows r < nr and batch rows b < nb (blk = scheme.blk inputs per block):
+            #   y[yoff + r + b*ystride] = sum_i vals[voff + r*vrow + i*blk/2 ...] . x[xoff + i*xblk + b*blk + perm(r, i)]
+            # x is block-major: the batch rows of one block are blk elements apart, so the nr rows
+            # share every x load and those loads come from a few cache lines.
+            sig = types.void(vals, voff, vrow, meta, moff, mrow, x, xoff, xblk, nblk, y, yoff, ystride)
+            bf16_values = vals.dtype == types.int16
 
             def codegen(context, builder, signature, args):
-                vals_, voff_, vrow_, meta_, moff_, x_, xoff_, xblk_, nblk_, y_, yoff_, ystride_ = args
-                mod = builder.module
+                vals_, voff_, vrow_, meta_, moff_, mrow_, x_, xoff_, xblk_, nblk_, y_, yoff_, ystride_ = args
+                sch = scheme(builder.module, bf16_values)
 
                 def data(pos, value):
                     return context.make_array(signature.args[pos])(context, builder, value).data
 
                 vptrs = [builder.gep(data(0, vals_), [builder.add(voff_, builder.mul(vrow_, c64(r)))]) for r in range(nr)]
-                mptrs = [builder.gep(data(3, meta_), [builder.add(moff_, builder.mul(nblk_, c64(r)))]) for r in range(nr)]
-                xstart, ybase = builder.gep(data(5, x_), [xoff_]), data(9, y_)
-                perm = cgutils.get_or_insert_function(
-                    mod, ir.FunctionType(v16f, [v16f, v16i, v16f]), "llvm.x86.avx512.vpermi2var.ps.512")
-                fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
+                mptrs = [builder.gep(data(3, meta_), [builder.add(moff_, builder.mul(mrow_, c64(r)))]) for r in range(nr)]
+                xstart, ybase = builder.gep(data(6, x_), [xoff_]), data(10, y_)
                 zero = ir.Constant(v16f, [0.0] * 16)
                 accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nb)] for _ in range(nr)]
-                shifts = ir.Constant(v16i, [2 * k for k in range(16)])
-                base = ir.Constant(v16i, [(k // 2) * 4 for k in range(16)])
-                three = ir.Constant(v16i, [3] * 16)
                 with cgutils.for_range(builder, nblk_) as loop:
                     i = loop.index
-                    idxs, ws = [], []
-                    for r in range(nr):
-                        # 16 two-bit positions -> permutation indices into the block's 32 inputs
-                        word = builder.bitcast(builder.load(builder.gep(mptrs[r], [i])), i32)
-                        wv = builder.insert_element(ir.Constant(v16i, ir.Undefined), word, ir.Constant(i32, 0))
-                        wv = builder.shuffle_vector(wv, ir.Constant(v16i, ir.Undefined), ir.Constant(v16i, [0] * 16))
-                        idxs.append(builder.add(builder.and_(builder.lshr(wv, shifts), three), base))
-                        wp = builder.gep(vptrs[r], [builder.mul(i, c64(16))])
-                        if is_bf16:
-                            ws.append(widen_bf16(builder, builder.load(builder.bitcast(wp, v16s.as_pointer()), align=2)))
-                        else:
-                            ws.append(builder.load(builder.bitcast(wp, v16f.as_pointer()), align=4))
+                    idxs = [sch.decode(builder, mptrs[r], i) for r in range(nr)]
+                    ws = [sch.weights(builder, vptrs[r], i) for r in range(nr)]
                     xblock = builder.gep(xstart, [builder.mul(i, xblk_)])
                     for b in range(nb):
                         # constant offsets from one pointer: they fold into the addressing mode
-                        xp = builder.gep(xblock, [c64(32 * b)])
-                        lo = builder.load(builder.bitcast(xp, v16f.as_pointer()), align=4)
-                        hi = builder.load(builder.bitcast(builder.gep(xp, [c64(16)]), v16f.as_pointer()), align=4)
+                        lo, hi = sch.x_pair(builder, builder.gep(xblock, [c64(sch.blk * b)]))
                         for r in range(nr):
-                            picked = builder.call(perm, [lo, idxs[r], hi])
-                            builder.store(builder.call(fma, [ws[r], picked, builder.load(accs[r][b])]), accs[r][b])
+                            acc = builder.load(accs[r][b])
+                            builder.store(sch.step(builder, acc, ws[r], idxs[r], lo, hi), accs[r][b])
                 for r in range(nr):
                     for b in range(nb):
                         acc = builder.load(accs[r][b])
-                        # pairwise tree sum of the 16 lanes
                         lanes = [builder.extract_element(acc, ir.Constant(i32, k)) for k in range(16)]
-                        while len(lanes) > 1:
+                        while len(lanes) > 1:  # pairwise tree sum of the 16 lanes
                             lanes = [builder.fadd(lanes[j], lanes[j + 1]) for j in range(0, len(lanes), 2)]
                         yp = builder.gep(ybase, [builder.add(builder.add(yoff_, c64(r)), builder.mul(ystride_, c64(b)))])
                         builder.store(lanes[0], yp)
@@ -124,7 +194,51 @@ def _compiled():
 
             return sig, codegen
 
-        return dot24
+        return dot
+
+    def make_driver(scheme):
+        # (batch rows, output rows) per call: 4x4 keeps 16 accumulators + 4 weights + 4 index
+        # vectors + 2 x registers inside the 32 zmm registers; 1-row variants take leftover rows
+        q44, q24, q14 = make_dot(scheme, 4, 4), make_dot(scheme, 2, 4), make_dot(scheme, 1, 4)
+        q41, q21, q11 = make_dot(scheme, 4, 1), make_dot(scheme, 2, 1), make_dot(scheme, 1, 1)
+        blk = scheme.blk
+
+        def driver(vals, meta, x, y, O, K, B, bias):
+            # vals (O*K/2,) f32|i16; meta (O*K/blk,) one index word per block; y (B*O,) f32;
+            # bias (O,) or (0,); x (B*K,) block-major: x[(i*B + b)*blk + j] = x[b, i*blk + j]
+            nblk = K // blk
+            half = K // 2
+            xblk = B * blk
+            for g in numba.prange((O + 3) // 4):
+                o0 = g * 4
+                if o0 + 4 <= O and B > 1:
+                    b0 = 0
+                    while b0 + 4 <= B:
+                        q44(vals, o0 * half, half, meta, o0 * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o0, O)
+                        b0 += 4
+                    if b0 + 2 <= B:
+                        q24(vals, o0 * half, half, meta, o0 * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o0, O)
+                        b0 += 2
+                    if b0 < B:
+                        q14(vals, o0 * half, half, meta, o0 * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o0, O)
+                else:  # one row at a time: at batch 1 four weight streams per thread read slower
+                    for o in range(o0, min(o0 + 4, O)):
+                        b0 = 0
+                        while b0 + 4 <= B:
+                            q41(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
+                            b0 += 4
+                        if b0 + 2 <= B:
+                            q21(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
+                            b0 += 2
+                        if b0 < B:
+                            q11(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
+                if bias.shape[0] > 0:
+                    for o in range(o0, min(o0 + 4, O)):
+                        for b in range(B):
+                            y[b * O + o] += bias[o]
+
+        # small layers skip the thread fork/join, which costs more than their work
+        return numba.njit(parallel=True)(driver), numba.njit(parallel=False)(driver)
 
     @intrinsic
     def bf16_to_f32(typingctx, raw):
@@ -135,50 +249,6 @@ def _compiled():
             return builder.bitcast(wide, f32)
 
         return sig, codegen
-
-    # (batch rows, output rows) per call: 4x4 keeps 16 accumulators + 4 weights + 4 permutations +
-    # 2 x registers inside the 32 zmm registers; the 1-row variants take the rows left over
-    q44, q24, q14 = make_dot24(4, 4), make_dot24(2, 4), make_dot24(1, 4)
-    q41, q21, q11 = make_dot24(4, 1), make_dot24(2, 1), make_dot24(1, 1)
-
-    def nm24_matmul_py(vals, meta, x, y, O, K, B, bias):
-        # vals (O*K/2,) f32|i16; meta (O*K/32,) int32; y (B*O,) f32; bias (O,) or (0,)
-        # x (B*K,) f32 in block-major order: x[(i*B + b)*32 + j] = x[b, i*32 + j]
-        nblk = K // 32
-        half = K // 2
-        xblk = B * 32
-        groups = (O + 3) // 4
-        for g in numba.prange(groups):
-            o0 = g * 4
-            if o0 + 4 <= O and B > 1:
-                b0 = 0
-                while b0 + 4 <= B:
-                    q44(vals, o0 * half, half, meta, o0 * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o0, O)
-                    b0 += 4
-                if b0 + 2 <= B:
-                    q24(vals, o0 * half, half, meta, o0 * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o0, O)
-                    b0 += 2
-                if b0 < B:
-                    q14(vals, o0 * half, half, meta, o0 * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o0, O)
-            else:
-                for o in range(o0, min(o0 + 4, O)):
-                    b0 = 0
-                    while b0 + 4 <= B:
-                        q41(vals, o * half, half, meta, o * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o, O)
-                        b0 += 4
-                    if b0 + 2 <= B:
-                        q21(vals, o * half, half, meta, o * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o, O)
-                        b0 += 2
-                    if b0 < B:
-                        q11(vals, o * half, half, meta, o * nblk, x, b0 * 32, xblk, nblk, y, b0 * O + o, O)
-            if bias.shape[0] > 0:
-                for o in range(o0, min(o0 + 4, O)):
-                    for b in range(B):
-                        y[b * O + o] += bias[o]
-
-    # small layers skip the thread fork/join, which costs more than the work
-    nm24_parallel = numba.njit(parallel=True)(nm24_matmul_py)
-    nm24_serial = numba.njit(parallel=False)(nm24_matmul_py)
 
     def make_generic(is_bf16: bool):
         @numba.njit(parallel=True, fastmath=False, cache=False)
@@ -208,7 +278,9 @@ def _compiled():
 
         return generic
 
-    return (nm24_parallel, nm24_serial), make_generic(False), make_generic(True)
+    return {"perm": make_driver(Perm), "dp": make_driver(Dp),
+            "generic": (make_generic(False), make_generic(True))}
+
 
 
 def _as_kernel_values(values: torch.Tensor) -> np.ndarray:
@@ -231,39 +303,60 @@ def _kernel_args(nmt):
     return args
 
 
-def _select(nmt, use_fast):
+def available_kernels(nmt) -> list[str]:
+    """Kernels that can run this weight on this CPU, fastest first."""
+    out = []
+    if _dp_supported(nmt.values, nmt.shape[1]) and (nmt.n, nmt.m) == (2, 4):
+        out.append("dp")
+    if nm24_supported(nmt.n, nmt.m, nmt.shape[1]):
+        out.append("perm")
+    return out + ["generic"]
+
+
+def _select(nmt, kernel: str | None):
     from .tensor import index_bits
 
-    (nm24_par, nm24_ser), gen_f32, gen_bf16 = _compiled()
+    kernels = _compiled()
+    usable = available_kernels(nmt)
+    kernel = kernel or usable[0]
+    if kernel not in usable:
+        raise ValueError(f"kernel {kernel!r} cannot run this {nmt.n}:{nmt.m} {nmt.dtype} weight with "
+                         f"in_features={nmt.shape[1]} on this CPU; usable: {usable}")
     vals = _as_kernel_values(nmt.values)
-    fast = nm24_supported(nmt.n, nmt.m, nmt.shape[1]) if use_fast is None else use_fast
-    if fast:
-        kern = nm24_ser if nmt.nbytes < _SERIAL_BYTES else nm24_par
-        return kern, (vals, nmt.indices.numpy().reshape(-1).view(np.int32)), ()
-    kern = gen_bf16 if nmt.values.dtype == torch.bfloat16 else gen_f32
-    return kern, (vals, nmt.indices.numpy().reshape(-1)), (nmt.n, nmt.m, index_bits(nmt.m))
+    idx = nmt.indices.numpy().reshape(-1)
+    if kernel == "generic":
+        kern = kernels["generic"][nmt.values.dtype == torch.bfloat16]
+        return kern, (vals, idx), (nmt.n, nmt.m, index_bits(nmt.m)), 0, torch.float32
+    par, ser = kernels[kernel]
+    kern = ser if nmt.nbytes < _SERIAL_BYTES else par
+    if kernel == "dp":
+        return kern, (vals, idx.view(np.int64)), (), 64, torch.bfloat16
+    return kern, (vals, idx.view(np.int32)), (), 32, torch.float32
 
 
-def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, use_fast: bool | None = None) -> torch.Tensor:
-    """(B, K) float32 contiguous @ W.T (+ bias) -> (B, O) float32, W an NMTensor (float32 or
+def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, kernel: str | None = None) -> torch.Tensor:
+    """(B, K) float32 or bfloat16 @ W.T (+ bias) -> (B, O) float32, W an NMTensor (float32 or
     bf16 values), bias float32 (O,) or None.
 
-    Inputs are assumed validated by the caller (``sparsewise.nm.functional``). ``use_fast``
-    forces (True) or forbids (False) the AVX-512 2:4 kernel; None picks it where it applies.
+    Inputs are assumed validated by the caller (``sparsewise.nm.functional``). ``kernel`` forces
+    one of :func:`available_kernels` ("dp", "perm", "generic"); None picks the fastest.
     """
     o, k = nmt.shape
     b = x2d.shape[0]
     y = torch.empty(b, o, dtype=torch.float32)
     if b == 0 or o == 0:
         return y
-    if use_fast is None:
-        _, kern, (vals, idx), extra = _kernel_args(nmt)
+    if kernel is None:
+        _, kern, (vals, idx), extra, blk, xdtype = _kernel_args(nmt)
     else:
-        kern, (vals, idx), extra = _select(nmt, use_fast)
-    bias_np = _NO_BIAS if bias is None else bias.numpy()
-    if not extra and b > 1:  # the 2:4 kernel reads x block-major (see nm24_matmul_py)
-        x2d = x2d.reshape(b, k // 32, 32).transpose(0, 1).contiguous()
-    kern(vals, idx, x2d.numpy().reshape(-1), y.numpy().reshape(-1), o, k, b, bias_np, *extra)
+        kern, (vals, idx), extra, blk, xdtype = _select(nmt, kernel)
+    if x2d.dtype != xdtype:
+        x2d = x2d.to(xdtype)
+    if blk and b > 1:  # the 2:4 kernels read x block-major (see make_driver)
+        x2d = x2d.reshape(b, k // blk, blk).transpose(0, 1)
+    x2d = x2d.contiguous()
+    xv = x2d.view(torch.int16).numpy().reshape(-1) if xdtype == torch.bfloat16 else x2d.numpy().reshape(-1)
+    kern(vals, idx, xv, y.numpy().reshape(-1), o, k, b, _NO_BIAS if bias is None else bias.numpy(), *extra)
     return y
 
 

@@ -177,10 +177,7 @@ class SparseLinear(nn.Module):
             bias = bias.detach()
             if bias.dtype != torch.float32:
                 bias = bias.to(torch.float32)
-        x2 = x.reshape(batch, self.in_features)
-        if dtype != torch.float32:
-            x2 = x2.to(torch.float32)
-        y = nm_matmul(x2.contiguous(), nm, bias)
+        y = nm_matmul(x.reshape(batch, self.in_features), nm, bias)
         if dtype != torch.float32:
             y = y.to(dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
