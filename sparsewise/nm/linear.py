@@ -74,8 +74,9 @@ def crossover_batch(weight: NMTensor, *, refresh: bool = False) -> int:
         for b in _PROBE_BATCHES:
             x = torch.randn(b, k, generator=gen).to(weight.dtype)
             r = compare(lambda: nm_linear(x, weight), lambda: F.linear(x, dense), pairs=5, warmup=1, min_time=0.005)
-            # switch only on a clear loss: near 1.0 both paths are equally good and noise decides
-            if r.ratio < 0.97:
+            # keep the kernel only where it clearly wins: a near-tie measured on one warm weight
+            # can turn into a loss on the cold weights of a real model
+            if r.ratio < 1.05:
                 best = b
                 break
         table[key] = best
