@@ -112,6 +112,7 @@ class SparseLinear(nn.Module):
         self._nm = nmt
         self._dense = None  # (dense weight, values._version it was built from)
         self._xover = None
+        self._gpu = None  # (values._version, dense, semi-structured or None, min batch, why not)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, n: int = 2, m: int = 4, mask: torch.Tensor | None = None,
@@ -157,6 +158,10 @@ class SparseLinear(nn.Module):
         if nm.values.data_ptr() != v.data_ptr() or nm.values.dtype != v.dtype:
             nm = self.weight_nm
         dtype = nm.values.dtype
+        if (v.is_cuda and isinstance(x, torch.Tensor) and x.is_cuda and x.dtype == dtype and x.dim() >= 1
+                and x.shape[-1] == self.in_features
+                and not (torch.is_grad_enabled() and (v.requires_grad or x.requires_grad))):
+            return self._forward_cuda(x, nm, v, bias)
         if (not isinstance(x, torch.Tensor) or (torch.is_grad_enabled() and (v.requires_grad or x.requires_grad))
                 or x.dtype != dtype or dtype not in _KERNEL_DTYPES or x.dim() < 1
                 or x.shape[-1] != self.in_features or x.device.type != "cpu"):
@@ -183,6 +188,20 @@ class SparseLinear(nn.Module):
             y = y.to(dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _forward_cuda(self, x, nm, v, bias):
+        from .gpu import NEVER, semi_structured, sparse_min_batch
+
+        g = self._gpu
+        if g is None or g[0] != v._version:
+            dense = nm.to_dense()
+            sparse, why = semi_structured(dense) if (nm.n, nm.m) == (2, 4) else (None, "only 2:4 runs sparse on GPUs")
+            min_batch = sparse_min_batch(dense, sparse) if sparse is not None else NEVER
+            g = self._gpu = (v._version, dense, sparse, min_batch, why)
+        _, dense, sparse, min_batch, _ = g
+        if sparse is not None and x.numel() // self.in_features >= min_batch:
+            return F.linear(x, sparse, bias)
+        return F.linear(x, dense, bias)
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self._rebuild()  # device or dtype may have changed
@@ -198,6 +217,7 @@ class SparseLinear(nn.Module):
         self._nm = NMTensor(self.values.detach(), self.indices, self.config.n, self.config.m,
                             (self.out_features, self.in_features))
         self._dense = None
+        self._gpu = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -245,10 +265,11 @@ def sparsify_(model: nn.Module, config: NMConfig = NMConfig(),
         if module.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             report.skipped[name] = f"weight dtype {module.weight.dtype} is not supported"
             continue
-        if module.weight.device.type != "cpu":
-            report.skipped[name] = "not on the CPU (the GPU path is not built yet)"
+        device = module.weight.device
+        if device.type not in ("cpu", "cuda"):
+            report.skipped[name] = f"device {device.type} is not supported"
             continue
-        new = SparseLinear.from_dense(module, config=config)
+        new = SparseLinear.from_dense(module, config=config).to(device)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         report.swapped.append(name)

@@ -47,8 +47,9 @@ def _pack_bits(idx: torch.Tensor, b: int) -> torch.Tensor:
 def _unpack_bits(packed: torch.Tensor, nk: int, b: int) -> torch.Tensor:
     # packed: (O, nbytes) uint8 -> (O, NK) int64
     o = packed.shape[0]
-    bits = ((packed.to(torch.int64).unsqueeze(-1) >> torch.arange(8)) & 1).reshape(o, -1)[:, : nk * b]
-    return (bits.reshape(o, nk, b) << torch.arange(b)).sum(-1)
+    dev = packed.device
+    bits = ((packed.to(torch.int64).unsqueeze(-1) >> torch.arange(8, device=dev)) & 1).reshape(o, -1)[:, : nk * b]
+    return (bits.reshape(o, nk, b) << torch.arange(b, device=dev)).sum(-1)
 
 
 class NMTensor:
@@ -134,13 +135,13 @@ class NMTensor:
             o, k = self.shape
             nk = self.values.shape[1]
             local = _unpack_bits(self.indices, nk, index_bits(self.m))
-            group = torch.arange(nk, dtype=torch.int64) // self.n
+            group = torch.arange(nk, dtype=torch.int64, device=self.indices.device) // self.n
             self._dense_idx = local + group * self.m
         return self._dense_idx
 
     def to_dense(self) -> torch.Tensor:
         o, k = self.shape
-        out = torch.zeros(o, k, dtype=self.values.dtype)
+        out = torch.zeros(o, k, dtype=self.values.dtype, device=self.values.device)
         return out.scatter_(1, self.positions(), self.values)
 
     def with_values(self, values: torch.Tensor) -> "NMTensor":
