@@ -39,7 +39,7 @@ class Section:
 STATUS = [
     ("Foundation: package, CLI, machine probe, paired benchmark harness, this report", "works"),
     ("N:M (2:4) weights: masks, packed format, CPU kernels, SparseLinear (sparsewise.nm)",
-     "works on CPU; batch >= 8 bf16 and batch 32 below target; GPU path not built"),
+     "works on CPU; bf16 at batch 8-32 below target; CUDA path not yet run on a GPU"),
     ("Pruning: magnitude, Wanda, SparseGPT, fine-tuning (sparsewise.nm.prune)", "not built yet"),
     ("Embedding engine: jagged lookups, fused optimizer, DLRM (sparsewise.embedding)", "not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)", "not built yet"),
