@@ -9,7 +9,8 @@ swapped 2 layer(s), skipped 0
 from .functional import nm_linear
 from .linear import NMConfig, SparseLinear, SparsifyReport, crossover_batch, sparsify_
 from .mask import check_nm, is_nm, nm_mask
+from .prune import PruneReport, prune_
 from .tensor import NMTensor
 
 __all__ = ["nm_mask", "is_nm", "check_nm", "NMTensor", "nm_linear", "NMConfig", "SparseLinear",
-           "sparsify_", "SparsifyReport", "crossover_batch"]
+           "sparsify_", "SparsifyReport", "crossover_batch", "prune_", "PruneReport"]

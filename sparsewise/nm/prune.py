@@ -1,0 +1,310 @@
+"""One-shot N:M pruning: magnitude, Wanda and SparseGPT, in place on nn.Linear weights.
+
+Weights keep their nn.Linear home; the pruned positions become exact zeros in an N:M pattern
+(``sparsify_`` then packs them). Calibration is gathered with forward hooks. For Wanda and
+SparseGPT the model is pruned block by block: block i is calibrated on the outputs of the
+already-pruned blocks before it (the inputs of each block are captured once with their keyword
+arguments, e.g. attention masks, and replayed through the pruned block to feed the next one).
+
+Legend: O = out_features, K = in_features, T = calibration tokens (rows of a layer's input).
+
+References (algorithms as published, implemented here from their descriptions):
+Wanda: Sun et al. 2023, score |W_ij| * ||X_j||_2. SparseGPT: Frantar & Alistarh 2023, OBS updates
+with a Cholesky factor of the inverse Hessian, processed in column blocks, N:M masks chosen per
+group of M columns by w^2 / [H^-1]_jj^2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from .mask import check_nm, nm_mask
+
+__all__ = ["prune_", "PruneReport", "METHODS", "sparsegpt_prune_weight", "wanda_scores", "skip_lm_head"]
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass
+class PruneReport:
+    method: str
+    pattern: str
+    pruned: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{self.method} {self.pattern}: pruned {len(self.pruned)} layer(s), skipped {len(self.skipped)}"]
+        lines += [f"  skipped {k}: {v}" for k, v in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def skip_lm_head(name: str, module: nn.Module) -> bool:
+    """The default filter: prune every Linear except a language model's output head (``lm_head``),
+    which the published methods leave dense (it maps to the vocabulary and is very sensitive)."""
+    return name.rsplit(".", 1)[-1] != "lm_head"
+
+
+# ---------------------------------------------------------------- per-layer algorithms
+
+def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2 with ``input_sq_norms`` the per-input-feature sums of squares (K,)."""
+    return weight.abs().to(torch.float32) * input_sq_norms.to(torch.float32).clamp_min(0).sqrt().unsqueeze(0)
+
+
+def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int, *,
+                           blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+    """Return the SparseGPT N:M-pruned copy of ``weight`` (O, K) given H = X^T X (K, K).
+
+    Columns are visited left to right in blocks; at the first column of every group of ``m``
+    the mask keeps, per row, the ``n`` weights with the largest w^2 / [H^-1]_jj^2; each pruned
+    column's error is spread over the columns to its right through the inverse Hessian.
+    """
+    n, m = check_nm(n, m)
+    o, k = weight.shape
+    if k % m:
+        raise ValueError(f"in_features ({k}) is not divisible by m={m}")
+    if hessian.shape != (k, k):
+        raise ValueError(f"hessian must be ({k}, {k}), got {tuple(hessian.shape)}")
+    if blocksize % m:
+        blocksize = max(m, blocksize // m * m)
+    w = weight.detach().to(torch.float64).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += torch.eye(k, dtype=h.dtype) * (percdamp * torch.diag(h).mean())
+    # upper Cholesky factor of H^-1: row i holds the update direction for column i
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        pruned = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if i % m == 0:
+                score = w1[:, i:i + m] ** 2 / torch.diag(h1)[i:i + m].unsqueeze(0) ** 2
+                drop = torch.topk(score, m - n, dim=1, largest=False).indices
+                pruned[:, i:i + m].scatter_(1, drop, True)
+            col = w1[:, i]
+            q = torch.where(pruned[:, i], torch.zeros_like(col), col)
+            q1[:, i] = q
+            e = (col - q) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w.to(weight.dtype)
+
+
+# ---------------------------------------------------------------- model-level driver
+
+def _call(model: nn.Module, batch: Any):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _linears(module: nn.Module, prefix: str, n: int, m: int, filter_fn, report: PruneReport) -> dict[str, nn.Linear]:
+    out = {}
+    for name, sub in module.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        if not isinstance(sub, nn.Linear):
+            continue
+        if filter_fn is not None and not filter_fn(full, sub):
+            report.skipped[full] = "excluded by filter_fn"
+        elif sub.in_features % m:
+            report.skipped[full] = f"in_features={sub.in_features} is not divisible by m={m}"
+        else:
+            out[full] = sub
+    return out
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The longest nn.ModuleList whose entries hold Linear layers (a transformer's layer stack)."""
+    best = None
+    for name, sub in model.named_modules():
+        if isinstance(sub, nn.ModuleList) and len(sub) > 1 and all(
+                any(isinstance(x, nn.Linear) for x in blk.modules()) for blk in sub):
+            if best is None or len(sub) > len(best[1]):
+                best = (name, sub)
+    return best
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Stats:
+    """Accumulates what one method needs from a Linear layer's inputs."""
+
+    def __init__(self, layer: nn.Linear, method: str):
+        k = layer.in_features
+        self.method, self.rows = method, 0
+        self.sq = torch.zeros(k, dtype=torch.float64) if method == "wanda" else None
+        self.h = torch.zeros(k, k, dtype=torch.float64) if method == "sparsegpt" else None
+
+    def __call__(self, module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64).cpu()
+        if not torch.isfinite(x).all():
+            raise ValueError("calibration activations contain NaN/Inf: check the model and the calibration data")
+        self.rows += x.shape[0]
+        if self.sq is not None:
+            self.sq += (x * x).sum(0)
+        if self.h is not None:
+            self.h += x.T @ x
+
+
+def _prune_layers(layers: dict[str, nn.Linear], stats: dict[str, _Stats] | None, method: str, n: int, m: int,
+                  report: PruneReport) -> None:
+    for name, lin in layers.items():
+        w = lin.weight.data
+        if method == "magnitude":
+            new = w * nm_mask(w.abs().to(torch.float32), n, m).to(w.dtype)
+        else:
+            st = stats[name]
+            if st.rows == 0:
+                report.skipped[name] = "received no calibration input (not on the forward path)"
+                continue
+            if method == "wanda":
+                new = w * nm_mask(wanda_scores(w, st.sq), n, m).to(w.dtype)
+            else:
+                new = sparsegpt_prune_weight(w.cpu(), 2.0 * st.h / st.rows, n, m).to(w.device)
+        with torch.no_grad():
+            lin.weight.copy_(new)
+        report.pruned.append(name)
+
+
+@torch.no_grad()
+def prune_(model: nn.Module, method: str = "magnitude", n: int = 2, m: int = 4,
+           calibration: Iterable | None = None,
+           filter_fn: Callable[[str, nn.Module], bool] | None = skip_lm_head,
+           progress: bool = True) -> PruneReport:
+    """Prune every nn.Linear of ``model`` in place to N:M (zeros in the weight).
+
+    ``calibration``: an iterable of model inputs (a LongTensor (1, T) of token ids for a causal
+    LM; a tensor, tuple or dict of whatever ``model`` takes otherwise); needed by "wanda" and
+    "sparsegpt". ``filter_fn(name, module)`` returns False for layers to keep dense (default:
+    :func:`skip_lm_head`; pass ``None`` to prune every Linear).
+
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    >>> print(prune_(model, "magnitude", progress=False))
+    magnitude 2:4: pruned 2 layer(s), skipped 0
+    """
+    from tqdm.auto import tqdm
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    n, m = check_nm(n, m)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    report = PruneReport(method, f"{n}:{m}")
+    if method == "magnitude":
+        layers = _linears(model, "", n, m, filter_fn, report)
+        if not layers:
+            raise ValueError("the model has no prunable nn.Linear layer" + _why(report))
+        _prune_layers(layers, None, method, n, m, report)
+        return report
+    if calibration is None:
+        raise ValueError(f"method {method!r} needs calibration data (an iterable of model inputs)")
+    batches = list(calibration)
+    if not batches:
+        raise ValueError("calibration is empty")
+    was_training = model.training
+    model.eval()
+    try:
+        found = _find_blocks(model)
+        if found is None:  # no layer stack: the whole model is one block
+            _prune_block(model, "", model, batches, method, n, m, filter_fn, report, progress)
+        else:
+            _prune_stack(model, found, batches, method, n, m, filter_fn, report, progress)
+            # linears outside the stack (embeddings' heads, routers...) are pruned as one last block
+            inside = {id(x) for x in found[1].modules()}
+            rest = {k: v for k, v in _linears(model, "", n, m, filter_fn, report).items()
+                    if id(v) not in inside}
+            if rest:
+                _prune_with_stats(model, rest, batches, method, n, m, report)
+    finally:
+        model.train(was_training)
+    if not report.pruned:
+        raise ValueError("the model has no prunable nn.Linear layer" + _why(report))
+    return report
+
+
+def _why(report: PruneReport) -> str:
+    return (": " + "; ".join(f"{k}: {v}" for k, v in report.skipped.items())) if report.skipped else ""
+
+
+def _prune_with_stats(model, layers, batches, method, n, m, report, stop_at: nn.Module | None = None):
+    stats = {name: _Stats(lin, method) for name, lin in layers.items()}
+    handles = [lin.register_forward_pre_hook(stats[name]) for name, lin in layers.items()]
+    if stop_at is not None:
+        def stop(*_):
+            raise _Stop
+        handles.append(stop_at.register_forward_hook(stop))
+    try:
+        for batch in batches:
+            try:
+                _call(model, batch)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    _prune_layers(layers, stats, method, n, m, report)
+
+
+def _prune_block(model, prefix, block, batches, method, n, m, filter_fn, report, progress):
+    layers = _linears(block, prefix, n, m, filter_fn, report)
+    if layers:
+        _prune_with_stats(model, layers, batches, method, n, m, report)
+
+
+def _prune_stack(model, found, batches, method, n, m, filter_fn, report, progress):
+    from tqdm.auto import tqdm
+
+    name, stack = found
+    # 1. capture what the first block receives (positional and keyword arguments) per batch
+    captured: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    h = stack[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                _call(model, batch)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if len(captured) != len(batches):
+        raise ValueError(f"the layer stack '{name}' was not reached by every calibration batch")
+    # 2. block by block: gather statistics on the current inputs, prune, then replay the pruned
+    #    block to produce the inputs of the next one
+    for i, block in enumerate(tqdm(stack, desc=f"{report.method} {report.pattern}", unit="block", disable=not progress)):
+        layers = _linears(block, f"{name}.{i}", n, m, filter_fn, report)
+        if layers:
+            stats = {ln: _Stats(lin, method) for ln, lin in layers.items()}
+            handles = [lin.register_forward_pre_hook(stats[ln]) for ln, lin in layers.items()]
+            try:
+                for args, kwargs in captured:
+                    block(*args, **kwargs)
+            finally:
+                for hd in handles:
+                    hd.remove()
+            _prune_layers(layers, stats, method, n, m, report)
+        nxt = []
+        for args, kwargs in captured:
+            out = block(*args, **kwargs)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            nxt.append(((out,) + tuple(args[1:]), kwargs))
+        captured = nxt
