@@ -219,6 +219,7 @@ def prune_(model: nn.Module, method: str = "magnitude", n: int = 2, m: int = 4,
     was_training = model.training
     model.eval()
     try:
+        _check_calibration(model, batches)  # bad data is refused before any weight changes
         found = _find_blocks(model)
         if found is None:  # no layer stack: the whole model is one block
             _prune_block(model, "", model, batches, method, n, m, filter_fn, report, progress)
@@ -235,6 +236,21 @@ def prune_(model: nn.Module, method: str = "magnitude", n: int = 2, m: int = 4,
     if not report.pruned:
         raise ValueError("the model has no prunable nn.Linear layer" + _why(report))
     return report
+
+
+def _check_calibration(model: nn.Module, batches: list) -> None:
+    def check(module, args):
+        x = args[0]
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError("calibration activations contain NaN/Inf: check the model and the calibration data")
+
+    handles = [mod.register_forward_pre_hook(check) for mod in model.modules() if isinstance(mod, nn.Linear)]
+    try:
+        for batch in batches:
+            _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _why(report: PruneReport) -> str:
