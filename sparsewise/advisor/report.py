@@ -40,7 +40,7 @@ STATUS = [
     ("Foundation: package, CLI, machine probe, paired benchmark harness, this report", "works"),
     ("N:M (2:4) weights: masks, packed format, CPU kernels, SparseLinear (sparsewise.nm)",
      "works on CPU; bf16 at batch 8-32 below target; CUDA path not yet run on a GPU"),
-    ("Pruning: magnitude, Wanda, SparseGPT, fine-tuning (sparsewise.nm.prune)", "not built yet"),
+    ("Pruning: magnitude, Wanda, SparseGPT one-shot (sparsewise.nm.prune_)", "works; fine-tuning, CLI, LM evidence not built yet"),
     ("Embedding engine: jagged lookups, fused optimizer, DLRM (sparsewise.embedding)", "not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)", "not built yet"),
     ("Advisor: project each technique on TPUs, GPUs, CPUs", "not built yet"),
