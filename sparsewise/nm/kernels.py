@@ -199,9 +199,27 @@ def _compiled():
     def make_driver(scheme):
         # (batch rows, output rows) per call: 4x4 keeps 16 accumulators + 4 weights + 4 index
         # vectors + 2 x registers inside the 32 zmm registers; 1-row variants take leftover rows
-        q44, q24, q14 = make_dot(scheme, 4, 4), make_dot(scheme, 2, 4), make_dot(scheme, 1, 4)
-        q41, q21, q11 = make_dot(scheme, 4, 1), make_dot(scheme, 2, 1), make_dot(scheme, 1, 1)
         blk = scheme.blk
+
+        def make_rows(nr):
+            q4, q2, q1 = make_dot(scheme, 4, nr), make_dot(scheme, 2, nr), make_dot(scheme, 1, nr)
+
+            @numba.njit(inline="always")
+            def rows(vals, o, half, meta, nblk, x, xblk, y, O, B):
+                # output rows o .. o+nr-1, every batch row, in chunks of 4, 2 and 1 batch rows
+                b0 = 0
+                while b0 + 4 <= B:
+                    q4(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
+                    b0 += 4
+                if b0 + 2 <= B:
+                    q2(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
+                    b0 += 2
+                if b0 < B:
+                    q1(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
+
+            return rows
+
+        rows4, rows1 = make_rows(4), make_rows(1)
 
         def driver(vals, meta, x, y, O, K, B, bias):
             # vals (O*K/2,) f32|i16; meta (O*K/blk,) one index word per block; y (B*O,) f32;
@@ -212,26 +230,10 @@ def _compiled():
             for g in numba.prange((O + 3) // 4):
                 o0 = g * 4
                 if o0 + 4 <= O and B > 1:
-                    b0 = 0
-                    while b0 + 4 <= B:
-                        q44(vals, o0 * half, half, meta, o0 * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o0, O)
-                        b0 += 4
-                    if b0 + 2 <= B:
-                        q24(vals, o0 * half, half, meta, o0 * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o0, O)
-                        b0 += 2
-                    if b0 < B:
-                        q14(vals, o0 * half, half, meta, o0 * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o0, O)
+                    rows4(vals, o0, half, meta, nblk, x, xblk, y, O, B)
                 else:  # one row at a time: at batch 1 four weight streams per thread read slower
                     for o in range(o0, min(o0 + 4, O)):
-                        b0 = 0
-                        while b0 + 4 <= B:
-                            q41(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
-                            b0 += 4
-                        if b0 + 2 <= B:
-                            q21(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
-                            b0 += 2
-                        if b0 < B:
-                            q11(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
+                        rows1(vals, o, half, meta, nblk, x, xblk, y, O, B)
                 if bias.shape[0] > 0:
                     for o in range(o0, min(o0 + 4, O)):
                         for b in range(B):

@@ -126,15 +126,52 @@ def _linears(module: nn.Module, prefix: str, n: int, m: int, filter_fn, report: 
     return out
 
 
-def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The longest nn.ModuleList whose entries hold Linear layers (a transformer's layer stack)."""
-    best = None
-    for name, sub in model.named_modules():
-        if isinstance(sub, nn.ModuleList) and len(sub) > 1 and all(
-                any(isinstance(x, nn.Linear) for x in blk.modules()) for blk in sub):
-            if best is None or len(sub) > len(best[1]):
-                best = (name, sub)
-    return best
+def _hidden(args: tuple, kwargs: dict) -> tuple[str | int, torch.Tensor | None]:
+    """Where a block's hidden states arrive: positional 0, or the keyword that carries them."""
+    if args:
+        return 0, args[0] if isinstance(args[0], torch.Tensor) else None
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return "hidden_states", kwargs["hidden_states"]
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return key, value
+    return 0, None
+
+
+def _is_sequential(model: nn.Module, stack: nn.ModuleList, batch) -> bool:
+    """True if, on one calibration batch, each block's input is exactly the previous block's output
+    (a layer stack), not a list of parallel modules (heads, experts)."""
+    ins, outs, handles = {}, {}, []
+    for i, blk in enumerate(stack):
+        def pre(mod, args, kwargs, i=i):
+            ins.setdefault(i, _hidden(args, kwargs)[1])
+
+        def post(mod, args, kwargs, out, i=i):
+            outs.setdefault(i, out[0] if isinstance(out, (tuple, list)) else out)
+
+        handles.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(blk.register_forward_hook(post, with_kwargs=True))
+    try:
+        _run(model, [batch])
+    finally:
+        for h in handles:
+            h.remove()
+    for i in range(len(stack) - 1):
+        a, b = outs.get(i), ins.get(i + 1)
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)):
+            return False
+    return len(ins) == len(stack)
+
+
+def _find_blocks(model: nn.Module, batch) -> tuple[str, nn.ModuleList] | None:
+    """The longest nn.ModuleList of Linear-holding blocks that runs as a sequential layer stack."""
+    candidates = [(name, sub) for name, sub in model.named_modules()
+                  if isinstance(sub, nn.ModuleList) and len(sub) > 1
+                  and all(any(isinstance(x, nn.Linear) for x in blk.modules()) for blk in sub)]
+    for name, sub in sorted(candidates, key=lambda c: -len(c[1])):
+        if _is_sequential(model, sub, batch):
+            return name, sub
+    return None
 
 
 class _Stop(Exception):
@@ -162,7 +199,7 @@ class _Stats:
 
 
 def _prune_layers(layers: dict[str, nn.Linear], stats: dict[str, _Stats] | None, method: str, n: int, m: int,
-                  report: PruneReport) -> None:
+                  report: PruneReport, backup: dict | None = None) -> None:
     for name, lin in layers.items():
         w = lin.weight.data
         if method == "magnitude":
@@ -176,6 +213,8 @@ def _prune_layers(layers: dict[str, nn.Linear], stats: dict[str, _Stats] | None,
                 new = w * nm_mask(wanda_scores(w, st.sq), n, m).to(w.dtype)
             else:
                 new = sparsegpt_prune_weight(w.cpu(), 2.0 * st.h / st.rows, n, m).to(w.device)
+        if backup is not None:
+            backup.setdefault(lin, w.detach().clone())
         with torch.no_grad():
             lin.weight.copy_(new)
         report.pruned.append(name)
@@ -216,23 +255,32 @@ def prune_(model: nn.Module, method: str = "magnitude", n: int = 2, m: int = 4,
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration is empty")
-    was_training = model.training
+    modes = {mod: mod.training for mod in model.modules()}
+    backup: dict[nn.Linear, torch.Tensor] = {}
     model.eval()
     try:
         _check_calibration(model, batches)  # bad data is refused before any weight changes
-        found = _find_blocks(model)
+        found = _find_blocks(model, batches[0])
         if found is None:  # no layer stack: the whole model is one block
-            _prune_block(model, "", model, batches, method, n, m, filter_fn, report, progress)
+            layers = _linears(model, "", n, m, filter_fn, report)
+            if layers:
+                _prune_with_stats(model, layers, batches, method, n, m, report, backup)
         else:
-            _prune_stack(model, found, batches, method, n, m, filter_fn, report, progress)
+            _prune_stack(model, found, batches, method, n, m, filter_fn, report, progress, backup)
             # linears outside the stack (embeddings' heads, routers...) are pruned as one last block
             inside = {id(x) for x in found[1].modules()}
             rest = {k: v for k, v in _linears(model, "", n, m, filter_fn, report).items()
                     if id(v) not in inside}
             if rest:
-                _prune_with_stats(model, rest, batches, method, n, m, report)
+                _prune_with_stats(model, rest, batches, method, n, m, report, backup)
+    except BaseException:
+        with torch.no_grad():  # a failure part-way loses nothing: put every weight back
+            for lin, w in backup.items():
+                lin.weight.copy_(w)
+        raise
     finally:
-        model.train(was_training)
+        for mod, mode in modes.items():
+            mod.training = mode
     if not report.pruned:
         raise ValueError("the model has no prunable nn.Linear layer" + _why(report))
     return report
@@ -257,32 +305,32 @@ def _why(report: PruneReport) -> str:
     return (": " + "; ".join(f"{k}: {v}" for k, v in report.skipped.items())) if report.skipped else ""
 
 
-def _prune_with_stats(model, layers, batches, method, n, m, report, stop_at: nn.Module | None = None):
+def _run(model: nn.Module, batches: list) -> None:
+    """Feed every calibration batch through the model; a hook may end a pass early with _Stop."""
+    for batch in batches:
+        try:
+            _call(model, batch)
+        except _Stop:
+            pass
+
+
+def _gather(layers: dict[str, nn.Linear], method: str, run: Callable[[], Any]) -> dict[str, _Stats]:
+    """Statistics of each layer's inputs while ``run()`` executes."""
     stats = {name: _Stats(lin, method) for name, lin in layers.items()}
     handles = [lin.register_forward_pre_hook(stats[name]) for name, lin in layers.items()]
-    if stop_at is not None:
-        def stop(*_):
-            raise _Stop
-        handles.append(stop_at.register_forward_hook(stop))
     try:
-        for batch in batches:
-            try:
-                _call(model, batch)
-            except _Stop:
-                pass
+        run()
     finally:
         for h in handles:
             h.remove()
-    _prune_layers(layers, stats, method, n, m, report)
+    return stats
 
 
-def _prune_block(model, prefix, block, batches, method, n, m, filter_fn, report, progress):
-    layers = _linears(block, prefix, n, m, filter_fn, report)
-    if layers:
-        _prune_with_stats(model, layers, batches, method, n, m, report)
+def _prune_with_stats(model, layers, batches, method, n, m, report, backup):
+    _prune_layers(layers, _gather(layers, method, lambda: _run(model, batches)), method, n, m, report, backup)
 
 
-def _prune_stack(model, found, batches, method, n, m, filter_fn, report, progress):
+def _prune_stack(model, found, batches, method, n, m, filter_fn, report, progress, backup):
     from tqdm.auto import tqdm
 
     name, stack = found
@@ -290,37 +338,39 @@ def _prune_stack(model, found, batches, method, n, m, filter_fn, report, progres
     captured: list[tuple[tuple, dict]] = []
 
     def grab(module, args, kwargs):
+        # replays must not append to a KV cache created by the model's own forward
+        kwargs = dict(kwargs)
+        for key in ("past_key_value", "past_key_values", "layer_past"):
+            if key in kwargs:
+                kwargs[key] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
         captured.append((args, kwargs))
         raise _Stop
 
     h = stack[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for batch in batches:
-            try:
-                _call(model, batch)
-            except _Stop:
-                pass
+        _run(model, batches)
     finally:
         h.remove()
     if len(captured) != len(batches):
         raise ValueError(f"the layer stack '{name}' was not reached by every calibration batch")
+    # linears outside the stack are pruned after it (see prune_): ones that run before the stack
+    # are still dense while the stack is calibrated
     # 2. block by block: gather statistics on the current inputs, prune, then replay the pruned
     #    block to produce the inputs of the next one
     for i, block in enumerate(tqdm(stack, desc=f"{report.method} {report.pattern}", unit="block", disable=not progress)):
         layers = _linears(block, f"{name}.{i}", n, m, filter_fn, report)
         if layers:
-            stats = {ln: _Stats(lin, method) for ln, lin in layers.items()}
-            handles = [lin.register_forward_pre_hook(stats[ln]) for ln, lin in layers.items()]
-            try:
-                for args, kwargs in captured:
-                    block(*args, **kwargs)
-            finally:
-                for hd in handles:
-                    hd.remove()
-            _prune_layers(layers, stats, method, n, m, report)
+            stats = _gather(layers, method, lambda: [block(*a, **kw) for a, kw in captured])
+            _prune_layers(layers, stats, method, n, m, report, backup)
         nxt = []
         for args, kwargs in captured:
             out = block(*args, **kwargs)
             out = out[0] if isinstance(out, (tuple, list)) else out
-            nxt.append(((out,) + tuple(args[1:]), kwargs))
+            where, _ = _hidden(args, kwargs)
+            if where == 0:
+                nxt.append(((out,) + tuple(args[1:]), kwargs))
+            else:  # the hidden states were passed by keyword
+                nxt.append((args, {**kwargs, where: out}))
         captured = nxt
