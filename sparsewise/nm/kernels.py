@@ -47,11 +47,13 @@ def avx512_available() -> bool:
 
 
 def nm24_supported(n: int, m: int, k: int) -> bool:
-    return n == 2 and m == 4 and k % 32 == 0 and avx512_available()
+    """The AVX-512 2:4 kernels run any in_features (whole 32/64-input blocks vectorised, the few
+    groups after the last block scalar)."""
+    return n == 2 and m == 4 and k % 4 == 0 and avx512_available()
 
 
 def _dp_supported(values: torch.Tensor, k: int) -> bool:
-    return values.dtype == torch.bfloat16 and k % 64 == 0 and {"avx512bw", "avx512_bf16"} <= cpu_flags()
+    return values.dtype == torch.bfloat16 and {"avx512bw", "avx512_bf16"} <= cpu_flags()
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +103,9 @@ def _compiled():
             self.three = ir.Constant(v16i, [3] * 16)
 
         def decode(self, builder, mptr, i):
-            word = builder.bitcast(builder.load(builder.gep(mptr, [i])), i32)
+            # mptr: the row's index bytes; block i's 16 codes are bytes 4i..4i+3 (rows are not
+            # word-aligned when K % 32 != 0, hence align=1)
+            word = builder.load(builder.bitcast(builder.gep(mptr, [builder.mul(i, c64(4))]), i32.as_pointer()), align=1)
             return builder.add(builder.and_(builder.lshr(splat(builder, word, v16i, 16), self.shifts), self.three),
                                self.base)
 
@@ -135,7 +139,7 @@ def _compiled():
             self.three = ir.Constant(v32s, [3] * 32)
 
         def decode(self, builder, mptr, i):
-            q = builder.load(builder.gep(mptr, [i]))
+            q = builder.load(builder.bitcast(builder.gep(mptr, [builder.mul(i, c64(8))]), i64.as_pointer()), align=1)
             halves = builder.bitcast(splat(builder, q, v8q, 8), v32s)
             halves = builder.shuffle_vector(halves, ir.Constant(v32s, ir.Undefined), self.chunk)
             return builder.add(builder.and_(builder.lshr(halves, self.shifts), self.three), self.base)
@@ -205,37 +209,48 @@ def _compiled():
             q4, q2, q1 = make_dot(scheme, 4, nr), make_dot(scheme, 2, nr), make_dot(scheme, 1, nr)
 
             @numba.njit(inline="always")
-            def rows(vals, o, half, meta, nblk, x, xblk, y, O, B):
+            def rows(vals, o, half, meta, row_bytes, nblk, x, xblk, y, O, B):
                 # output rows o .. o+nr-1, every batch row, in chunks of 4, 2 and 1 batch rows
                 b0 = 0
                 while b0 + 4 <= B:
-                    q4(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
+                    q4(vals, o * half, half, meta, o * row_bytes, row_bytes, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
                     b0 += 4
                 if b0 + 2 <= B:
-                    q2(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
+                    q2(vals, o * half, half, meta, o * row_bytes, row_bytes, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
                     b0 += 2
                 if b0 < B:
-                    q1(vals, o * half, half, meta, o * nblk, nblk, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
+                    q1(vals, o * half, half, meta, o * row_bytes, row_bytes, x, b0 * blk, xblk, nblk, y, b0 * O + o, O)
 
             return rows
 
         rows4, rows1 = make_rows(4), make_rows(1)
 
-        def driver(vals, meta, x, y, O, K, B, bias):
-            # vals (O*K/2,) f32|i16; meta (O*K/blk,) one index word per block; y (B*O,) f32;
-            # bias (O,) or (0,); x (B*K,) block-major: x[(i*B + b)*blk + j] = x[b, i*blk + j]
+        def driver(vals, meta, x, xt, y, O, K, B, bias):
+            # vals (O*K/2,) f32|i16; meta (O*row_bytes,) uint8, 2-bit codes; y (B*O,) f32;
+            # bias (O,) or (0,); x: the first nblk*blk inputs block-major,
+            # x[(i*B + b)*blk + j] = x[b, i*blk + j]; xt (B*Kt,) f32: the Kt = K % blk tail inputs
             nblk = K // blk
             half = K // 2
             xblk = B * blk
+            row_bytes = (K // 2 * 2 + 7) // 8
+            kt = K - nblk * blk
             for g in numba.prange((O + 3) // 4):
                 o0 = g * 4
                 if o0 + 4 <= O and B > 1:
-                    rows4(vals, o0, half, meta, nblk, x, xblk, y, O, B)
+                    rows4(vals, o0, half, meta, row_bytes, nblk, x, xblk, y, O, B)
                 else:  # one row at a time: at batch 1 four weight streams per thread read slower
                     for o in range(o0, min(o0 + 4, O)):
-                        rows1(vals, o, half, meta, nblk, x, xblk, y, O, B)
-                if bias.shape[0] > 0:
-                    for o in range(o0, min(o0 + 4, O)):
+                        rows1(vals, o, half, meta, row_bytes, nblk, x, xblk, y, O, B)
+                for o in range(o0, min(o0 + 4, O)):
+                    if kt > 0:  # groups after the last whole block: scalar
+                        for b in range(B):
+                            s = np.float32(0.0)
+                            for j in range(nblk * blk // 2, half):
+                                code = (meta[o * row_bytes + (j >> 2)] >> (2 * (j & 3))) & 3
+                                col = (j >> 1) * 4 + code - nblk * blk
+                                s += weight_f32(vals[o * half + j]) * xt[b * kt + col]
+                            y[b * O + o] += s
+                    if bias.shape[0] > 0:
                         for b in range(B):
                             y[b * O + o] += bias[o]
 
@@ -243,24 +258,28 @@ def _compiled():
         return numba.njit(parallel=True)(driver), numba.njit(parallel=False)(driver)
 
     @intrinsic
-    def bf16_to_f32(typingctx, raw):
+    def weight_f32(typingctx, raw):
+        # a kept value as fp32: int16 holds bf16 bits (the high half of the fp32 bits)
         sig = types.float32(raw)
 
         def codegen(context, builder, signature, args):
-            wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
-            return builder.bitcast(wide, f32)
+            if signature.args[0] == types.int16:
+                wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+                return builder.bitcast(wide, f32)
+            return args[0]
 
         return sig, codegen
 
-    def make_generic(is_bf16: bool):
-        @numba.njit(parallel=True, fastmath=False, cache=False)
-        def generic(vals, idx, x, y, O, K, B, bias, n, m, bits):
-            # vals (O*NK,) ; idx (O*row_bytes,) uint8 bit stream ; x (B*K,) ; y (B*O,)
-            nk = K // m * n
-            row_bytes = (nk * bits + 7) // 8
-            mask = (1 << bits) - 1
-            for o in numba.prange(O):
-                acc = np.zeros(B, np.float32)
+    @numba.njit(parallel=True)
+    def generic(vals, idx, x, y, O, K, B, bias, n, m, bits):
+        # vals (O*NK,) f32|i16 ; idx (O*row_bytes,) uint8 bit stream ; x (B*K,) f32 ; y (B*O,)
+        nk = K // m * n
+        row_bytes = (nk * bits + 7) // 8
+        mask = (1 << bits) - 1
+        for o in numba.prange(O):
+            bv = bias[o] if bias.shape[0] > 0 else np.float32(0.0)
+            for b in range(B):  # batch outermost: no per-row scratch allocation
+                acc = np.float32(0.0)
                 for j in range(nk):
                     p = j * bits
                     byte = o * row_bytes + (p >> 3)
@@ -268,20 +287,10 @@ def _compiled():
                     if (p & 7) + bits > 8:
                         word |= np.int64(idx[byte + 1]) << 8
                     col = (j // n) * m + ((word >> (p & 7)) & mask)
-                    if is_bf16:
-                        w = bf16_to_f32(vals[o * nk + j])
-                    else:
-                        w = vals[o * nk + j]
-                    for b in range(B):
-                        acc[b] += w * x[b * K + col]
-                bv = bias[o] if bias.shape[0] > 0 else np.float32(0.0)
-                for b in range(B):
-                    y[b * O + o] = acc[b] + bv
+                    acc += weight_f32(vals[o * nk + j]) * x[b * K + col]
+                y[b * O + o] = acc + bv
 
-        return generic
-
-    return {"perm": make_driver(Perm), "dp": make_driver(Dp),
-            "generic": (make_generic(False), make_generic(True))}
+    return {"perm": make_driver(Perm), "dp": make_driver(Dp), "generic": generic}
 
 
 
@@ -327,13 +336,11 @@ def _select(nmt, kernel: str | None):
     vals = _as_kernel_values(nmt.values)
     idx = nmt.indices.numpy().reshape(-1)
     if kernel == "generic":
-        kern = kernels["generic"][nmt.values.dtype == torch.bfloat16]
+        kern = kernels["generic"]
         return kern, (vals, idx), (nmt.n, nmt.m, index_bits(nmt.m)), 0, torch.float32
     par, ser = kernels[kernel]
     kern = ser if nmt.nbytes < _SERIAL_BYTES else par
-    if kernel == "dp":
-        return kern, (vals, idx.view(np.int64)), (), 64, torch.bfloat16
-    return kern, (vals, idx.view(np.int32)), (), 32, torch.float32
+    return kern, (vals, idx), (), (64 if kernel == "dp" else 32), (torch.bfloat16 if kernel == "dp" else torch.float32)
 
 
 def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, kernel: str | None = None) -> torch.Tensor:
@@ -352,13 +359,21 @@ def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, kerne
         _, kern, (vals, idx), extra, blk, xdtype = _kernel_args(nmt)
     else:
         kern, (vals, idx), extra, blk, xdtype = _select(nmt, kernel)
-    if x2d.dtype != xdtype:
-        x2d = x2d.to(xdtype)
-    if blk and b > 1:  # the 2:4 kernels read x block-major (see make_driver)
-        x2d = x2d.reshape(b, k // blk, blk).transpose(0, 1)
-    x2d = x2d.contiguous()
-    xv = x2d.view(torch.int16).numpy().reshape(-1) if xdtype == torch.bfloat16 else x2d.numpy().reshape(-1)
-    kern(vals, idx, xv, y.numpy().reshape(-1), o, k, b, _NO_BIAS if bias is None else bias.numpy(), *extra)
+    if not blk:  # generic kernel: fp32 row-major x
+        xv = x2d.to(torch.float32).contiguous().numpy().reshape(-1)
+        kern(vals, idx, xv, y.numpy().reshape(-1), o, k, b, _NO_BIAS if bias is None else bias.numpy(), *extra)
+        return y
+    kmain = k // blk * blk
+    xm = x2d[:, :kmain] if kmain < k else x2d
+    if xm.dtype != xdtype:
+        xm = xm.to(xdtype)
+    if b > 1:  # whole blocks block-major (see make_driver)
+        xm = xm.reshape(b, kmain // blk, blk).transpose(0, 1)
+    xm = xm.contiguous()
+    xv = xm.view(torch.int16).numpy().reshape(-1) if xdtype == torch.bfloat16 else xm.numpy().reshape(-1)
+    # the tail sees x as the vector part does (bf16-rounded for "dp"), in fp32
+    xt = x2d[:, kmain:].to(xdtype).to(torch.float32).contiguous().numpy().reshape(-1) if kmain < k else _NO_BIAS
+    kern(vals, idx, xv, xt, y.numpy().reshape(-1), o, k, b, _NO_BIAS if bias is None else bias.numpy())
     return y
 
 

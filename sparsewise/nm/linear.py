@@ -169,7 +169,7 @@ class SparseLinear(nn.Module):
             training = isinstance(x, torch.Tensor) and torch.is_grad_enabled() and (v.requires_grad or x.requires_grad)
             return nm_linear(x, nm, bias, values=v if training else None)
         batch = x.numel() // self.in_features
-        if batch > 1 and self.config.dense_fallback:
+        if self.config.dense_fallback and batch > 0:
             xover = self._xover
             if xover is None:
                 xover = self._xover = crossover_batch(nm)
