@@ -41,11 +41,12 @@ $(STAMP_DATA): pyproject.toml $(STAMP_TEST)
 	@touch $@
 
 $(STAMP_PEERS): pyproject.toml $(STAMP_TEST)
-	$(PIP) install -q -e '.[peers]'
-	# torchrec depends on the CUDA fbgemm-gpu, which clashes with fbgemm-gpu-cpu: drop it again
-	$(PIP) uninstall -y -q fbgemm-gpu || true
-	$(PIP) install -q --force-reinstall --no-deps fbgemm-gpu-cpu==1.8.0
-	$(PY) -c "import torchrec, fbgemm_gpu; print('peers ok: torchrec', torchrec.__version__)"
+	# torchrec 1.8.0 depends on the CUDA fbgemm-gpu (GBs, clashes with fbgemm-gpu-cpu): install
+	# torchrec without its dependencies and give it the CPU build plus the rest of its list
+	$(PIP) install -q fbgemm-gpu-cpu==1.8.0 tensordict torchmetrics==1.0.3 pyre-extensions torch==2.13.0
+	$(PIP) install -q --no-deps torchrec==1.8.0
+	$(PIP) uninstall -y -q fbgemm-gpu 2>/dev/null || true
+	$(PY) -c "import torchrec, fbgemm_gpu, torch; print('peers ok: torchrec', torchrec.__version__, 'torch', torch.__version__)"
 	@touch $@
 
 run: $(STAMP_BASE)

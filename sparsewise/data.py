@@ -17,8 +17,11 @@ FASHION_MNIST_DIR = Path(os.environ.get("SPARSEWISE_FASHION_MNIST", "/usr/share/
 
 
 def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, OSError) as exc:  # truncated or not gzip at all
+        raise ValueError(f"{path}: unreadable gzip data (truncated or corrupted?): {exc}") from None
     if len(raw) < 4 + 4 * dims or int.from_bytes(raw[:4], "big") != magic:
         raise ValueError(f"{path}: not an IDX file with magic {magic:#x} (corrupted?)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
@@ -50,4 +53,8 @@ def load_fashion_mnist(root: str | Path | None = None) -> dict[str, torch.Tensor
             out[key] = torch.from_numpy(arr.reshape(arr.shape[0], -1).astype(np.float32) / 255.0)
         else:
             out[key] = torch.from_numpy(_read_idx(root / name, 0x801, 1).astype(np.int64))
+    for split in ("train", "test"):
+        if out[f"{split}_x"].shape[0] != out[f"{split}_y"].shape[0]:
+            raise ValueError(f"{root}: {split} images ({out[split + '_x'].shape[0]}) and labels "
+                             f"({out[split + '_y'].shape[0]}) differ in count")
     return out

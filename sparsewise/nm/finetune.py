@@ -14,6 +14,7 @@ are safetensors files written atomically.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +54,8 @@ class FinetuneConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"FinetuneConfig.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("weight_decay", "srste_lambda"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):  # NaN fails both
+                raise ValueError(f"FinetuneConfig.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"FinetuneConfig.distill_alpha must be in [0, 1], got {self.distill_alpha!r}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -130,20 +131,27 @@ def finetune(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, Any
     if not layers and not any(isinstance(mm, SparseLinear) for mm in model.modules()):
         raise ValueError(f"no layer to fine-tune: the model has no {config.n}:{config.m} nn.Linear or SparseLinear"
                          if config.mode == "masked" else "no nn.Linear layer with in_features divisible by m")
+    if config.epochs > 1 and iter(data) is data:
+        raise ValueError("data is a one-shot iterator: pass a list or a re-iterable loader for epochs > 1")
     masks = {name: (lin.weight.detach() != 0) for name, lin in layers.items()} if config.mode == "masked" else {}
-    hooks = [layers[name].weight.register_hook(lambda g, mk=mk: g * mk.to(g.dtype)) for name, mk in masks.items()]
-    if config.mode == "srste":
-        for lin in layers.values():
-            parametrize.register_parametrization(lin, "weight", _SRSTEParam(config.n, config.m, config.srste_lambda))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     result = FinetuneResult(layers=list(layers))
+    hooks = []
     t0 = time.perf_counter()
     deadline = t0 + 60 * config.max_minutes if config.max_minutes else None
     if teacher is not None:
         teacher.eval()
     model.train()
     try:
+        for name, mk in masks.items():
+            if layers[name].weight.requires_grad:  # frozen layers get no gradient to mask
+                hooks.append(layers[name].weight.register_hook(lambda g, mk=mk: g * mk.to(g.dtype)))
+        if config.mode == "srste":
+            for lin in layers.values():
+                parametrize.register_parametrization(lin, "weight", _SRSTEParam(config.n, config.m, config.srste_lambda))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameter: every parameter has requires_grad=False")
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         done = False
         bar = tqdm(total=config.max_steps, desc=f"finetune ({config.mode})", disable=not progress)
         for _epoch in range(config.epochs):
@@ -176,18 +184,30 @@ def finetune(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, Any
                 break
         bar.close()
     finally:
+        model.eval()
         for h in hooks:
             h.remove()
         if config.mode == "srste":
             for lin in layers.values():
                 if parametrize.is_parametrized(lin, "weight"):
-                    # keep W * M of the final mask: the weights end N:M
-                    parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
-        model.eval()
+                    _end_srste(lin, config.n, config.m)
     result.seconds = time.perf_counter() - t0
     if checkpoint is not None:
         save_checkpoint(model, checkpoint)
     return result
+
+
+def _end_srste(lin: nn.Linear, n: int, m: int) -> None:
+    """Drop the SR-STE parametrization, leaving W * M with the final mask (weights end N:M).
+    Computed here rather than by re-running the parametrization so that a run that diverged
+    (NaN weights) is still cleaned up: NaN ranks as largest and propagates, as in the dense layer."""
+    with torch.no_grad():
+        w = lin.parametrizations.weight.original.detach()
+        mask = nm_mask(w.abs().float().nan_to_num(nan=float("inf")), n, m)
+        final = torch.where(mask, w, torch.zeros((), dtype=w.dtype))
+    parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
+    with torch.no_grad():
+        lin.weight.copy_(final)
 
 
 def _logits(out) -> torch.Tensor:
