@@ -6,7 +6,6 @@ Writes benchmarks/results/fashion_mnist.json and .md.
     .venv/bin/python benchmarks/fashion_mnist.py
 """
 import copy
-import json
 import time
 from pathlib import Path
 

@@ -9,8 +9,9 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = [
     "atomic_write_bytes",
@@ -21,7 +22,10 @@ __all__ = [
     "num_threads",
     "threads",
     "cache_dir",
+    "cached_measurement",
 ]
+
+_measure_lock = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -146,3 +150,26 @@ def threads(n: int | None) -> Iterator[int]:
     finally:
         torch.set_num_threads(old_torch)
         numba.set_num_threads(old_numba)
+
+
+def cached_measurement(filename: str, key: str, measure: Callable[[], int], *, refresh: bool = False) -> int:
+    """An integer measured once per machine and setting (e.g. a dispatch crossover), kept in
+    ``cache_dir()/filename`` under ``key``. A missing or damaged file means measure again; a
+    cache that cannot be written only costs a re-measurement next time."""
+    path = cache_dir() / filename
+    with _measure_lock:
+        try:
+            table = json.loads(path.read_text())
+            if not isinstance(table, dict):
+                table = {}
+        except (OSError, ValueError):
+            table = {}
+        if not refresh and isinstance(table.get(key), int):
+            return table[key]
+        value = int(measure())
+        table[key] = value
+        try:
+            atomic_write_json(path, table)
+        except OSError:
+            pass
+        return value

@@ -8,18 +8,14 @@ is never slower than the dense one.
 """
 from __future__ import annotations
 
-import json
-import threading
-
 import torch
 import torch.nn.functional as F
 
-from .._util import atomic_write_json, cache_dir
+from .._util import cached_measurement
 
 __all__ = ["semi_structured", "sparse_min_batch"]
 
 _PROBE_BATCHES = (1, 8, 32, 128, 512, 2048)
-_lock = threading.Lock()
 NEVER = 1 << 30
 
 
@@ -51,25 +47,14 @@ def sparse_min_batch(dense: torch.Tensor, sparse: torch.Tensor, *, refresh: bool
 
     o, k = dense.shape
     key = f"{torch.cuda.get_device_name(dense.device)}|{o}x{k}|{str(dense.dtype).replace('torch.', '')}"
-    path = cache_dir() / "nm_gpu_crossover.json"
-    with _lock:
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
-        if not refresh and isinstance(table.get(key), int):
-            return table[key]
-        best = NEVER
+
+    def measure() -> int:
         for b in _PROBE_BATCHES:
             x = torch.randn(b, k, device=dense.device, dtype=dense.dtype)
             r = compare(_synced(lambda: F.linear(x, sparse)), _synced(lambda: F.linear(x, dense)),
                         pairs=5, warmup=2, min_time=0.005)
             if r.ratio >= 1.05:
-                best = b
-                break
-        table[key] = best
-        try:
-            atomic_write_json(path, table)
-        except OSError:
-            pass
-        return best
+                return b
+        return NEVER
+
+    return cached_measurement("nm_gpu_crossover.json", key, measure, refresh=refresh)

@@ -9,8 +9,6 @@ weight: it is materialised on the first large-batch call and kept (set
 """
 from __future__ import annotations
 
-import json
-import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._util import atomic_write_json, cache_dir, num_threads
+from .._util import cached_measurement, num_threads
 from .functional import nm_linear
 from .kernels import nm_matmul
 from .mask import check_nm
@@ -27,7 +25,6 @@ from .tensor import NMTensor
 __all__ = ["NMConfig", "SparseLinear", "sparsify_", "SparsifyReport", "crossover_batch"]
 
 _PROBE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-_lock = threading.Lock()
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -59,32 +56,21 @@ def crossover_batch(weight: NMTensor, *, refresh: bool = False) -> int:
     from ..bench import compare
 
     o, k = weight.shape
-    key = _crossover_key(o, k, weight.dtype, weight.n, weight.m)
-    path = cache_dir() / "nm_crossover.json"
-    with _lock:
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
-        if not refresh and isinstance(table.get(key), int):
-            return table[key]
+
+    def measure() -> int:
         dense = weight.to_dense()
         gen = torch.Generator().manual_seed(0)
-        best = 1 << 30
         for b in _PROBE_BATCHES:
             x = torch.randn(b, k, generator=gen).to(weight.dtype)
             r = compare(lambda: nm_linear(x, weight), lambda: F.linear(x, dense), pairs=5, warmup=1, min_time=0.005)
             # keep the kernel only where it clearly wins: a near-tie measured on one warm weight
             # can turn into a loss on the cold weights of a real model
             if r.ratio < 1.05:
-                best = b
-                break
-        table[key] = best
-        try:
-            atomic_write_json(path, table)
-        except OSError:
-            pass  # a read-only cache only costs a re-measurement next time
-        return best
+                return b
+        return 1 << 30
+
+    return cached_measurement("nm_crossover.json", _crossover_key(o, k, weight.dtype, weight.n, weight.m),
+                              measure, refresh=refresh)
 
 
 class SparseLinear(nn.Module):

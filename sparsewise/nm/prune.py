@@ -236,8 +236,6 @@ def prune_(model: nn.Module, method: str = "magnitude", n: int = 2, m: int = 4,
     >>> print(prune_(model, "magnitude", progress=False))
     magnitude 2:4: pruned 2 layer(s), skipped 0
     """
-    from tqdm.auto import tqdm
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n, m = check_nm(n, m)
