@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 
@@ -12,20 +13,34 @@ def _work(n=30000):
     return s
 
 
+def _within(measure, lo, hi, tries=3):
+    # The machine is shared: a burst from a neighbour can skew one whole measurement. A broken
+    # harness misses the range every time; a sound one lands in it within a few tries.
+    results = []
+    for _ in range(tries):
+        r = measure()
+        results.append(r)
+        if lo < r.ratio < hi:
+            return r
+    raise AssertionError(f"ratio outside ({lo}, {hi}) in {tries} tries: " + "; ".join(map(str, results)))
+
+
 def test_same_function_gives_ratio_near_one():
-    r = compare(_work, _work, pairs=7, min_time=0.01, name="A vs A")
-    assert isinstance(r, PairedResult)
-    assert 0.8 < r.ratio < 1.25, str(r)
+    r = _within(lambda: compare(_work, _work, pairs=9, min_time=0.02, name="A vs A"), 0.8, 1.25)
     assert r.ratio_min <= r.ratio <= r.ratio_max
-    assert r.pairs == 7 and r.inner >= 1 and r.threads >= 1
+    assert r.pairs == 9 and r.inner >= 1 and r.threads >= 1
 
 
 def test_twice_the_work_is_detected_as_about_2x():
-    r = compare(_work, lambda: (_work(), _work()), pairs=7, min_time=0.01)
-    assert 1.6 < r.ratio < 2.5, str(r)
+    _within(lambda: compare(_work, lambda: (_work(), _work()), pairs=9, min_time=0.02), 1.6, 2.5)
     # swapped roles: the candidate is now the slow one
-    r2 = compare(lambda: (_work(), _work()), _work, pairs=7, min_time=0.01)
-    assert 0.4 < r2.ratio < 0.62, str(r2)
+    _within(lambda: compare(lambda: (_work(), _work()), _work, pairs=9, min_time=0.02), 0.4, 0.62)
+
+
+def test_twice_the_wait_is_detected_as_2x():
+    # sleeping is not slowed by other processes' CPU use: a tight check of the arithmetic
+    r = compare(lambda: time.sleep(0.002), lambda: time.sleep(0.004), pairs=5, min_time=0.01)
+    assert 1.6 < r.ratio < 2.2, str(r)
 
 
 def test_timeit_reports_median_min_max():
