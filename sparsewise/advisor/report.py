@@ -136,7 +136,7 @@ def nm_section(ctx: ReportContext) -> Section:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..nm.bench import SHAPES, format_table, measure
+    from ..nm.bench import SHAPES, TABLE_HEADER, measure, table_rows
 
     names = ["llama2-7b mlp up (11008x4096)", "smollm2 mlp up (1536x576)"]
     batches = (1, 8) if ctx.quick else (1, 8, 32, 256)
@@ -152,14 +152,11 @@ def nm_section(ctx: ReportContext) -> Section:
     ax.set_ylabel("speed vs dense F.linear (x)")
     ax.set_title("2:4 sparse linear layers on this CPU (higher is better)")
     ax.legend(fontsize=8)
-    md = format_table(rows)
-    table_rows = [tuple(c.strip() for c in line.strip("|").split("|")) for line in md.splitlines()[2:]]
-    header = tuple(c.strip() for c in md.splitlines()[0].strip("|").split("|"))
     body = ("<p>Packed 2:4 weights (kept values + 2-bit positions: 9/16 of the dense bytes in bf16, "
             "17/32 in fp32) multiplied by an AVX-512 numba kernel, against torch's F.linear on the same "
             "pruned weight stored dense, same dtype and threads, interleaved pairs. Weights are random "
             "values in real layer shapes. SparseLinear switches to the dense path above a measured "
-            "batch crossover.</p>" + _fig_to_img(fig) + _table(table_rows, header))
+            "batch crossover.</p>" + _fig_to_img(fig) + _table(table_rows(rows), TABLE_HEADER))
     summary = "\n".join(f"  {r['shape']} {r['dtype']} batch {r['batch']}: kernel {r['kernel_ratio']:.2f}x dense, "
                         f"{r['kernel_pct_read_bw']:.0f}% of read bandwidth" for r in rows)
     return Section("N:M (2:4) sparse weights", body, summary)

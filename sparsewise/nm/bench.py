@@ -105,14 +105,21 @@ def measure(shapes=None, batches=BATCHES, dtypes=("fp32", "bf16"), *, pairs: int
     return rows
 
 
+TABLE_HEADER = ("layer (out x in)", "dtype", "batch", "kernel vs F.linear", "SparseLinear vs nn.Linear (path)",
+                "kernel ms", "% read BW")
+
+
+def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
+    """One display row per measurement (ratios > 1: faster than the dense baseline)."""
+    return [(r["shape"], r["dtype"], str(r["batch"]), f"{r['kernel_ratio']:.2f}x",
+             f"{r['sparselinear_ratio']:.2f}x ({r['sparselinear_path']})", f"{r['kernel_ms']:.3f}",
+             f"{r['kernel_pct_read_bw']:.0f}%") for r in rows]
+
+
 def format_table(rows: list[dict]) -> str:
-    """Markdown table of measured rows (ratios > 1: faster than dense F.linear)."""
-    out = ["| layer (out x in) | dtype | batch | kernel vs F.linear | SparseLinear vs nn.Linear (path) | kernel ms | % read BW |",
-           "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['shape']} | {r['dtype']} | {r['batch']} | {r['kernel_ratio']:.2f}x "
-                   f"| {r['sparselinear_ratio']:.2f}x ({r['sparselinear_path']}) | {r['kernel_ms']:.3f} "
-                   f"| {r['kernel_pct_read_bw']:.0f}% |")
+    """Markdown table of measured rows."""
+    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|---|---|---:|---:|---:|---:|---:|"]
+    out += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
     return "\n".join(out)
 
 

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._util import cached_measurement, num_threads
+from .functional import _forward as _kernel_forward
 from .functional import nm_linear
-from .kernels import nm_matmul
 from .mask import check_nm
 from .tensor import NMTensor
 
@@ -144,15 +144,14 @@ class SparseLinear(nn.Module):
         if nm.values.data_ptr() != v.data_ptr() or nm.values.dtype != v.dtype:
             nm = self.weight_nm
         dtype = nm.values.dtype
-        if (v.is_cuda and isinstance(x, torch.Tensor) and x.is_cuda and x.dtype == dtype and x.dim() >= 1
-                and x.shape[-1] == self.in_features
-                and not (torch.is_grad_enabled() and (v.requires_grad or x.requires_grad))):
+        is_tensor = isinstance(x, torch.Tensor)
+        training = is_tensor and torch.is_grad_enabled() and (v.requires_grad or x.requires_grad)
+        fits = (is_tensor and not training and x.dtype == dtype and x.dim() >= 1
+                and x.shape[-1] == self.in_features)
+        if fits and v.is_cuda and x.is_cuda:
             return self._forward_cuda(x, nm, v, bias)
-        if (not isinstance(x, torch.Tensor) or (torch.is_grad_enabled() and (v.requires_grad or x.requires_grad))
-                or x.dtype != dtype or dtype not in _KERNEL_DTYPES or x.dim() < 1
-                or x.shape[-1] != self.in_features or x.device.type != "cpu"):
+        if not fits or x.device.type != "cpu" or dtype not in _KERNEL_DTYPES:
             # training, or input that nm_linear must check and explain
-            training = isinstance(x, torch.Tensor) and torch.is_grad_enabled() and (v.requires_grad or x.requires_grad)
             return nm_linear(x, nm, bias, values=v if training else None)
         batch = x.numel() // self.in_features
         if self.config.dense_fallback and batch > 0:
@@ -165,14 +164,7 @@ class SparseLinear(nn.Module):
                 if dense is None or dense[1] != v._version:
                     dense = self._dense = (nm.to_dense(), v._version)
                 return F.linear(x, dense[0], bias)
-        if bias is not None:
-            bias = bias.detach()
-            if bias.dtype != torch.float32:
-                bias = bias.to(torch.float32)
-        y = nm_matmul(x.reshape(batch, self.in_features), nm, bias)
-        if dtype != torch.float32:
-            y = y.to(dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return _kernel_forward(x, nm, bias, "auto")  # nm_linear's kernel path, minus its checks
 
     def _forward_cuda(self, x, nm, v, bias):
         from .gpu import NEVER, semi_structured, sparse_min_batch
