@@ -353,15 +353,16 @@ def test_stack_calibration_spy_sees_pruned_block_outputs(monkeypatch):
     torch.testing.assert_close(got[0], h1, rtol=0, atol=0)
 
 
-def test_stack_hidden_states_passed_by_keyword_hidden_states():
+@pytest.mark.parametrize("key", ["hidden_states", "h"])
+def test_stack_hidden_states_passed_by_keyword(key):
     class Blk(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(8, 8)
 
-        def forward(self, hidden_states, scale=None):
-            assert scale is not None
-            return torch.relu(self.fc(hidden_states)) * scale
+        def forward(self, scale=None, **kw):
+            assert scale is not None and list(kw) == [key]
+            return torch.relu(self.fc(kw[key])) * scale
 
     class Net(nn.Module):
         def __init__(self):
@@ -370,49 +371,23 @@ def test_stack_hidden_states_passed_by_keyword_hidden_states():
 
         def forward(self, x):
             for b in self.layers:
-                x = b(hidden_states=x, scale=2.0)
+                x = b(scale=2.0, **{key: x})
             return x
 
     torch.manual_seed(0)
     model = Net()
     dense = copy.deepcopy(model)
-    calib = [torch.randn(6, 8)]
-    report = prune_(model, "wanda", calibration=calib, progress=False)
-    assert report.pruned == ["layers.0.fc", "layers.1.fc"]
-    with torch.no_grad():
-        h1 = model.layers[0](hidden_states=calib[0], scale=2.0)
-    assert torch.equal(model.layers[1].fc.weight != 0, hand_wanda_mask(dense.layers[1].fc.weight, [h1], 2, 4))
-
-
-def test_stack_hidden_states_passed_by_another_keyword():
-    class Blk(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, h, scale=None):
-            assert scale is not None
-            return torch.relu(self.fc(h)) * scale
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([Blk(), Blk()])
-
-        def forward(self, x):
-            for b in self.layers:
-                x = b(h=x, scale=2.0)
-            return x
-
-    torch.manual_seed(0)
-    model = Net()
     before = snapshot(model)
+    calib = [torch.randn(6, 8)]
     try:
-        report = prune_(model, "wanda", calibration=[torch.randn(6, 8)], progress=False)
+        report = prune_(model, "wanda", calibration=calib, progress=False)
     except Exception:
         assert_unchanged(model, before)  # at the very least, a failure must not half-prune the model
         raise
     assert report.pruned == ["layers.0.fc", "layers.1.fc"]
+    with torch.no_grad():
+        h1 = model.layers[0](scale=2.0, **{key: calib[0]})
+    assert torch.equal(model.layers[1].fc.weight != 0, hand_wanda_mask(dense.layers[1].fc.weight, [h1], 2, 4))
 
 
 @pytest.mark.parametrize("out_features", [4, 8])  # 4: loud RuntimeError; 8: silently wrong masks
