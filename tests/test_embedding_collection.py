@@ -1,0 +1,239 @@
+"""EmbeddingBagCollection: kernels vs the pure-torch reference (forward values, fused backward +
+optimizer over several steps), jagged edge cases, bad input, checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from sparsewise.embedding import (SGD, Adagrad, Adam, EmbeddingBagCollection, KeyedJagged, RowwiseAdagrad,
+                                  TableConfig)
+from sparsewise.embedding.functional import reference_step
+
+OPTS = [SGD(lr=0.1), Adagrad(lr=0.1), RowwiseAdagrad(lr=0.1), Adam(lr=0.01)]
+
+
+def _tables(pooling="sum", dims=(5, 7, 3)):
+    return [TableConfig("a", 50, dims[0], ("x", "y"), pooling=pooling, init="normal", seed=1),
+            TableConfig("b", 30, dims[1], ("z",), pooling="max" if pooling == "sum" else pooling, init="normal", seed=2),
+            TableConfig("c", 1, dims[2], ("m",), pooling="mean", init="normal", seed=3)]
+
+
+def _batch(rng, keys_rows, B, max_len=5, weighted=False, empty_p=0.3):
+    bags = {}
+    for k, n in keys_rows.items():
+        bags[k] = [[] if rng.random() < empty_p else rng.integers(0, n, rng.integers(1, max_len + 1)).tolist()
+                   for _ in range(B)]
+    w = None
+    if weighted:
+        w = {k: [rng.uniform(-2, 2, len(b)).tolist() for b in v] for k, v in bags.items()}
+    return KeyedJagged.from_lists(bags, weights=w)
+
+
+KEYS_ROWS = {"x": 50, "y": 50, "z": 30, "m": 1}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("pooling", ["sum", "mean", "max"])
+def test_forward_matches_reference(pooling, weighted):
+    rng = np.random.default_rng(0)
+    ebc = EmbeddingBagCollection(_tables(pooling))
+    for B in (1, 3, 17):
+        kj = _batch(rng, KEYS_ROWS, B, weighted=weighted)
+        out = ebc(kj)
+        ref = ebc(kj, backend="reference")
+        torch.testing.assert_close(out.values, ref.values, rtol=1e-5, atol=1e-6)
+        assert out.values.shape == (B, 5 + 5 + 7 + 3)
+        assert out.keys == ("x", "y", "z", "m")
+        torch.testing.assert_close(out["z"], out.values[:, 10:17])
+
+
+def test_key_order_of_batch_does_not_matter():
+    rng = np.random.default_rng(1)
+    ebc = EmbeddingBagCollection(_tables())
+    kj = _batch(rng, KEYS_ROWS, 6)
+    d = kj.to_dict()
+    shuffled = KeyedJagged.from_dict({k: d[k] for k in ("m", "z", "x", "y")})
+    torch.testing.assert_close(ebc(kj).values, ebc(shuffled).values)
+
+
+@pytest.mark.parametrize("opt", OPTS, ids=lambda o: type(o).__name__)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_training_matches_reference_over_steps(opt, weighted):
+    rng = np.random.default_rng(2)
+    ebc = EmbeddingBagCollection(_tables(), optimizer=opt)
+    ws = [w.clone() for w in ebc.weights()]
+    states = [{k: v.clone() for k, v in ebc.optimizer_state(t.name).items()} for t in ebc.tables]
+    for step in range(1, 5):
+        kj = _batch(rng, KEYS_ROWS, 9, weighted=weighted)
+        out = ebc(kj)
+        g = torch.from_numpy(rng.standard_normal(out.values.shape).astype(np.float32))
+        (out.values * g).sum().backward()
+        reference_step(ebc.tables, ws, states, opt, kj, g, step)
+        for t, cfg in enumerate(ebc.tables):
+            torch.testing.assert_close(ebc.weights()[t], ws[t], rtol=1e-4, atol=1e-5)
+            for name, s in ebc.optimizer_state(cfg.name).items():
+                torch.testing.assert_close(s, states[t][name], rtol=1e-4, atol=1e-5)
+    assert int(ebc.step) == 4
+
+
+def test_only_touched_rows_change_and_dense_params_untouched():
+    ebc = EmbeddingBagCollection([TableConfig("t", 100, 4, init="normal")], optimizer=RowwiseAdagrad(lr=0.5))
+    before = ebc.weights()[0].clone()
+    kj = KeyedJagged.from_lists({"t": [[3, 3, 7], [], [7]]})
+    ebc(kj).values.sum().backward()
+    changed = (ebc.weights()[0] != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [3, 7]
+    assert list(ebc.parameters()) == []  # nothing for a dense torch optimizer to step twice
+
+
+def test_no_update_in_eval_or_no_grad():
+    ebc = EmbeddingBagCollection([TableConfig("t", 10, 4)], optimizer=SGD(lr=1.0))
+    before = ebc.weights()[0].clone()
+    kj = KeyedJagged.from_lists({"t": [[1, 2]]})
+    with torch.no_grad():
+        assert not ebc(kj).values.requires_grad
+    ebc.eval()
+    assert not ebc(kj).values.requires_grad
+    torch.testing.assert_close(ebc.weights()[0], before)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_hypothesis_jagged_batches(data):
+    dim = data.draw(st.integers(1, 21), label="dim")
+    rows = data.draw(st.integers(1, 40), label="rows")
+    pooling = data.draw(st.sampled_from(["sum", "mean", "max"]))
+    B = data.draw(st.integers(1, 6), label="B")
+    shared = data.draw(st.booleans(), label="shared table")
+    feats = ("f", "g") if shared else ("f",)
+    lens = data.draw(st.lists(st.integers(0, 6), min_size=B * len(feats), max_size=B * len(feats)))
+    same = data.draw(st.booleans(), label="all ids equal")
+    ids = data.draw(st.lists(st.integers(0, rows - 1), min_size=sum(lens), max_size=sum(lens)))
+    if same and ids:
+        ids = [ids[0]] * len(ids)
+    weighted = data.draw(st.booleans())
+    w = torch.tensor(data.draw(st.lists(st.floats(-3, 3), min_size=len(ids), max_size=len(ids))), dtype=torch.float32) if weighted else None
+    kj = KeyedJagged(feats, torch.tensor(ids, dtype=torch.int64), lengths=torch.tensor(lens), weights=w)
+    opt = data.draw(st.sampled_from(OPTS))
+    cfg = TableConfig("t", rows, dim, feats, pooling=pooling, init="normal")
+    ebc = EmbeddingBagCollection([cfg], optimizer=opt)
+    with torch.no_grad():
+        ref = ebc(kj, backend="reference").values
+    ws = [ebc.weights()[0].clone()]
+    states = [{k: v.clone() for k, v in ebc.optimizer_state("t").items()}]
+    out = ebc(kj)
+    torch.testing.assert_close(out.values.detach(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(out.values.shape)
+    out.values.backward(g)
+    reference_step([cfg], ws, states, opt, kj, g, 1)
+    torch.testing.assert_close(ebc.weights()[0], ws[0], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- bad input
+
+def _ebc(opt=None):
+    return EmbeddingBagCollection([TableConfig("t", 10, 4, init="normal")], optimizer=opt)
+
+
+@pytest.mark.parametrize("bad_id", [10, -1, 1 << 40])
+def test_out_of_range_ids_refused_before_any_change(bad_id):
+    ebc = _ebc(Adagrad(lr=1.0))
+    before = ebc.weights()[0].clone()
+    with pytest.raises(ValueError, match=rf"id {bad_id} at values\[2\].*10 rows"):
+        ebc(KeyedJagged(["t"], torch.tensor([1, 2, bad_id]), lengths=torch.tensor([2, 1])))
+    torch.testing.assert_close(ebc.weights()[0], before)
+
+
+@pytest.mark.parametrize("kj, match", [
+    (KeyedJagged(["t"], torch.tensor([1.0, 2.0]), lengths=torch.tensor([2])), "int64 or int32"),
+    (KeyedJagged(["t"], torch.tensor([1, 2]), lengths=torch.tensor([3])), "sum to 3 but there are 2"),
+    (KeyedJagged(["t"], torch.tensor([1, 2]), offsets=torch.tensor([0, 2, 1, 2])), "not monotone"),
+    (KeyedJagged(["t"], torch.tensor([1, 2]), offsets=torch.tensor([1, 2])), r"offsets\[0\] must be 0"),
+    (KeyedJagged(["t"], torch.tensor([1, 2]), offsets=torch.tensor([0, 1])), r"offsets\[-1\] = 1"),
+    (KeyedJagged(["t"], torch.tensor([1, 2]), lengths=torch.tensor([-1, 3])), "negative"),
+    (KeyedJagged(["t"], torch.tensor([1, 2]), lengths=torch.tensor([2]), weights=torch.tensor([1.0])), "shape"),
+    (KeyedJagged(["t"], torch.tensor([1, 2]), lengths=torch.tensor([2]), weights=torch.tensor([1.0, float("nan")])), "not finite"),
+    (KeyedJagged(["u"], torch.tensor([1, 2]), lengths=torch.tensor([2])), "unknown"),
+    (KeyedJagged(["t", "t"], torch.tensor([1, 2]), lengths=torch.tensor([1, 1])), "duplicate"),
+])
+def test_bad_batches(kj, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _ebc()(kj)
+
+
+def test_nan_gradient_refused_and_nothing_changes():
+    ebc = _ebc(Adam(lr=0.1))
+    before = ebc.weights()[0].clone()
+    states = {k: v.clone() for k, v in ebc.optimizer_state("t").items()}
+    out = ebc(KeyedJagged.from_lists({"t": [[1, 2], [3]]}))
+    g = torch.ones_like(out.values)
+    g[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        out.values.backward(g)
+    torch.testing.assert_close(ebc.weights()[0], before)
+    for k, v in ebc.optimizer_state("t").items():
+        torch.testing.assert_close(v, states[k])
+    assert int(ebc.step) == 0
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="pooling"):
+        TableConfig("t", 10, 4, pooling="avg")
+    with pytest.raises(ValueError, match="num_rows"):
+        TableConfig("t", 0, 4)
+    with pytest.raises(ValueError, match="dtype"):
+        TableConfig("t", 10, 4, dtype="int4")
+    with pytest.raises(ValueError, match="listed by tables"):
+        EmbeddingBagCollection([TableConfig("a", 10, 4, ("f",)), TableConfig("b", 10, 4, ("f",))])
+    with pytest.raises(TypeError, match="cannot be fused"):
+        EmbeddingBagCollection([TableConfig("a", 10, 4)], optimizer=torch.optim.SGD)
+    with pytest.raises(NotImplementedError, match="fp32 tables only"):
+        EmbeddingBagCollection([TableConfig("a", 10, 4, dtype="int8")], optimizer=SGD())
+    with pytest.raises(ValueError, match="lr"):
+        Adagrad(lr=-1)
+    with pytest.raises(ValueError, match="betas"):
+        Adam(betas=(0.9, 1.5))
+
+
+def test_table_moved_by_to_is_refused():
+    ebc = _ebc()
+    ebc.to(torch.float64)
+    with pytest.raises(ValueError, match="did something call .to"):
+        ebc(KeyedJagged.from_lists({"t": [[1]]}))
+
+
+# ---------------------------------------------------------------------- state and checkpoints
+
+def test_state_dict_round_trip_keeps_training_identical(tmp_path):
+    rng = np.random.default_rng(3)
+    a = EmbeddingBagCollection(_tables(), optimizer=Adam(lr=0.05))
+    for _ in range(2):
+        kj = _batch(rng, KEYS_ROWS, 5)
+        a(kj).values.square().sum().backward()
+    b = EmbeddingBagCollection(_tables(), optimizer=Adam(lr=0.05))
+    b.load_state_dict(a.state_dict())
+    path = a.save(tmp_path / "emb.safetensors")
+    c = EmbeddingBagCollection.load(path)
+    kj = _batch(rng, KEYS_ROWS, 5)
+    for m in (a, b, c):
+        m(kj).values.square().sum().backward()
+    for m in (b, c):
+        assert int(m.step) == int(a.step) == 3
+        for wa, wm in zip(a.weights(), m.weights()):
+            torch.testing.assert_close(wa, wm, rtol=0, atol=0)
+
+
+def test_corrupted_and_foreign_checkpoints(tmp_path):
+    a = _ebc(SGD())
+    path = a.save(tmp_path / "e.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="trunc.safetensors"):
+        EmbeddingBagCollection.load(tmp_path / "trunc.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a sparsewise embedding checkpoint"):
+        EmbeddingBagCollection.load(tmp_path / "other.safetensors")

@@ -1,0 +1,105 @@
+"""Quantized rows: documented error bounds, quantized lookups vs the reference, KeyedJagged helpers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sparsewise.embedding import EmbeddingBagCollection, KeyedJagged, TableConfig
+from sparsewise.embedding.storage import alloc_rows, dequantize_rows, quantize_rows
+
+
+def _rows(n, d, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * scale
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 20), d=st.integers(1, 37), scale=st.sampled_from([1e-3, 1.0, 300.0]), seed=st.integers(0, 99))
+def test_int8_error_bound(n, d, scale, seed):
+    w = _rows(n, d, scale, seed)
+    q = quantize_rows(w, "int8")
+    assert q.shape == (n, (d + 3) // 4 * 4 + 8) and q.dtype == torch.uint8
+    back = dequantize_rows(q, "int8", d)
+    bound = (w.amax(1) - w.amin(1)) / 510 * (1 + 1e-4) + 1e-6 * w.abs().amax(1)
+    assert bool(((back - w).abs() <= bound[:, None]).all())
+
+
+@pytest.mark.parametrize("dtype, rel", [("bf16", 2.0 ** -8), ("fp16", 2.0 ** -11)])
+def test_half_error_bounds(dtype, rel):
+    w = _rows(200, 33, 10.0)
+    w = torch.where(w.abs() < 2 ** -14, torch.full_like(w, 0.5), w)  # normal fp16 range for the relative bound
+    back = dequantize_rows(quantize_rows(w, dtype), dtype, 33)
+    assert bool(((back - w).abs() <= rel * w.abs()).all())
+
+
+def test_fp16_overflow_and_nan_refused():
+    with pytest.raises(ValueError, match="does not fit fp16"):
+        quantize_rows(torch.tensor([[1e5, 0.0]]), "fp16")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_rows(torch.tensor([[float("nan"), 0.0]]), "int8")
+
+
+def test_constant_row_is_exact_in_int8():
+    w = torch.full((3, 5), 0.25)
+    torch.testing.assert_close(dequantize_rows(quantize_rows(w, "int8"), "int8", 5), w)
+
+
+def test_huge_page_allocation_is_usable():
+    t = alloc_rows(40_000, 64, "fp32")  # 10 MB: mapped with huge pages advised
+    t.fill_(1.5)
+    assert t.shape == (40_000, 64) and t.is_contiguous() and float(t.sum()) == 1.5 * t.numel()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "int8"])
+@pytest.mark.parametrize("pooling", ["sum", "mean", "max"])
+def test_quantized_collection_matches_reference_and_bound(dtype, pooling):
+    rng = np.random.default_rng(0)
+    cfgs = [TableConfig("a", 300, 19, ("x", "y"), pooling=pooling, init="normal"),
+            TableConfig("b", 50, 8, ("z",), pooling="sum", init="normal", seed=5)]
+    ebc = EmbeddingBagCollection(cfgs)
+    q = ebc.quantize(dtype)
+    assert q.tables[0].dtype == dtype and not q.training
+    bags = {k: [rng.integers(0, n, rng.integers(0, 6)).tolist() for _ in range(11)]
+            for k, n in (("x", 300), ("y", 300), ("z", 50))}
+    w = {k: [rng.uniform(0.5, 2, len(b)).tolist() for b in v] for k, v in bags.items()}
+    kj = KeyedJagged.from_lists(bags, weights=w)
+    got = q(kj).values
+    torch.testing.assert_close(got, q(kj, backend="reference").values, rtol=1e-5, atol=1e-5)
+    exact = ebc(kj).values
+    # the pooled error stays within the per-row bound summed over each bag (times the weights)
+    per_row = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -10}.get(dtype)
+    lim = 0.0
+    for t in ebc.tables:
+        full = ebc.dequantized(t.name)
+        if per_row is not None:
+            lim = max(lim, float(full.abs().max()) * per_row)
+        else:
+            lim = max(lim, float((full.amax(1) - full.amin(1)).max()) / 510)
+    assert float((got - exact).abs().max()) <= lim * 2 * 5 + 1e-5  # weights <= 2, bags <= 5 ids
+
+
+def test_quantize_only_from_fp32_and_names_checked():
+    ebc = EmbeddingBagCollection([TableConfig("a", 10, 4), TableConfig("b", 10, 4)])
+    mixed = ebc.quantize({"a": "int8"})
+    assert [t.dtype for t in mixed.tables] == ["int8", "fp32"]
+    with pytest.raises(ValueError, match="already int8"):
+        mixed.quantize("bf16")
+    with pytest.raises(KeyError, match="unknown tables"):
+        ebc.quantize({"zz": "bf16"})
+
+
+def test_keyed_jagged_views():
+    kj = KeyedJagged.from_lists({"u": [[1], [2, 3]], "g": [[], [4]]})
+    assert kj.batch_size == 2 and len(kj) == 2
+    v, l = kj["g"]
+    assert v.tolist() == [4] and l.tolist() == [0, 1]
+    assert kj.offsets.tolist() == [0, 1, 3, 3, 4]
+    k2 = KeyedJagged(["u", "g"], kj.values, offsets=kj.offsets)
+    assert k2.lengths.tolist() == [1, 2, 0, 1]
+    with pytest.raises(ValueError, match="same batch size"):
+        KeyedJagged.from_lists({"u": [[1]], "g": [[], []]})
+    with pytest.raises(ValueError, match="offsets or lengths"):
+        KeyedJagged(["u"], torch.tensor([1]))
+    assert "batch_size=2" in repr(kj)
