@@ -1,4 +1,4 @@
-"""Command line: ``sparsewise report | probe | bench | prune | advise``.
+"""Command line: ``sparsewise report | probe | bench | train-dlrm | prune | advise``.
 
 Bad input (unknown flags, bad values, an unwritable ``--out``) gives one clear line on stderr and
 a non-zero exit, never a traceback.
@@ -64,6 +64,23 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_positive_int, default=None)
     b.add_argument("--quick", action="store_true", help="fewer shapes and pairs")
 
+    d = sub.add_parser("train-dlrm", help="train a DLRM on MovieLens-100k or synthetic Criteo-like clicks")
+    d.add_argument("--data", choices=("movielens", "synthetic"), default="movielens",
+                   help="movielens: real MovieLens-100k (needs `make data`); synthetic: Criteo-like Zipf ids")
+    d.add_argument("--epochs", type=_positive_int, default=2)
+    d.add_argument("--batch-size", type=_positive_int, default=256)
+    d.add_argument("--dim", type=_positive_int, default=16, help="embedding dim of every table")
+    d.add_argument("--lr", type=float, default=0.05, help="embedding Adagrad learning rate (fused)")
+    d.add_argument("--dense-lr", type=float, default=1e-3, help="dense MLPs' Adam learning rate")
+    d.add_argument("--samples", type=_positive_int, default=200_000, help="synthetic: training samples (test: a quarter)")
+    d.add_argument("--scale", type=float, default=1e-3, help="synthetic: factor on the Criteo Kaggle table sizes")
+    d.add_argument("--alpha", type=float, default=1.15, help="synthetic: Zipf exponent of the ids")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-baseline", action="store_true", help="skip the plain-torch model (nn.EmbeddingBag + torch Adagrad)")
+    d.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    d.add_argument("--threads", type=_positive_int, default=None)
+    d.add_argument("--no-progress", action="store_true")
+
     pn = sub.add_parser("prune", help="prune a model to N:M (issue 6)")
     pn.add_argument("model")
     pn.add_argument("rest", nargs=argparse.REMAINDER)
@@ -121,6 +138,51 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_train_dlrm(args) -> int:
+    from ._util import atomic_write_json, threads
+    from .embedding.dlrm import DLRM, TorchDLRM, train
+
+    if args.json:
+        from pathlib import Path
+
+        from ._util import check_writable_dir
+
+        check_writable_dir(Path(args.json).resolve().parent)
+    for name in ("lr", "dense_lr", "scale"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.data == "movielens":
+        from .embedding.data import movielens_100k
+
+        tr, te = movielens_100k()
+    else:
+        from .embedding.data import synthetic_criteo
+
+        tr = synthetic_criteo(args.samples, scale=args.scale, alpha=args.alpha, world_seed=args.seed, seed=1)
+        te = synthetic_criteo(max(1000, args.samples // 4), scale=args.scale, alpha=args.alpha, world_seed=args.seed, seed=2)
+    print(f"data: {tr.name}: {len(tr):,} train / {len(te):,} test samples, {len(tr.features)} sparse features, "
+          f"{sum(tr.rows.values()):,} embedding rows, {tr.labels.mean().item():.1%} positive")
+    kw = dict(epochs=args.epochs, batch_size=args.batch_size, dense_lr=args.dense_lr, progress=not args.no_progress)
+    results = {}
+    with threads(args.threads):
+        model = DLRM.for_data(tr, dim=args.dim, lr=args.lr, seed=args.seed)
+        baseline = None if args.no_baseline else TorchDLRM.from_dlrm(model)  # same initial weights
+        results["sparsewise"] = train(model, tr, te, desc="sparsewise DLRM", **kw)
+        if baseline is not None:
+            results["torch"] = train(baseline, tr, te, desc="torch DLRM", **kw)
+    for name, r in results.items():
+        print(f"{name:>10}: test AUC {r.auc:.4f}, {r.samples_per_s:,.0f} samples/s (train), final loss {r.final_loss:.4f}")
+    if "torch" in results:
+        a, b = results["sparsewise"], results["torch"]
+        print(f"AUC difference {a.auc - b.auc:+.4f}; throughput {a.samples_per_s / b.samples_per_s:.2f}x the plain torch model")
+    if args.json:
+        import dataclasses
+
+        atomic_write_json(args.json, {"data": tr.name, "args": {k: v for k, v in vars(args).items() if k != "command"},
+                                      "results": {k: dataclasses.asdict(v) for k, v in results.items()}})
+    return 0
+
+
 def _cmd_not_built(args) -> int:
     raise NotImplementedError(f"'sparsewise {args.command}' is not built yet (see the README's status table)")
 
@@ -132,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        handler = {"report": _cmd_report, "probe": _cmd_probe, "bench": _cmd_bench,
+        handler = {"report": _cmd_report, "probe": _cmd_probe, "bench": _cmd_bench, "train-dlrm": _cmd_train_dlrm,
                    "prune": _cmd_not_built, "advise": _cmd_not_built}[args.command]
         return handler(args)
     except CliError as exc:

@@ -196,7 +196,8 @@ class EmbeddingBagCollection(nn.Module):
         w = weights if weights is not None else np.empty(0, np.float32)
         K.fused_update(values, offsets, w, weights is not None, B, layout.feat_table, layout.feat_col, layout.feat_pool,
                        pos, seg, bag_of, grad, argmax, addr, dims, s1, s2, np.int64(opt.kind),
-                       optimizer_hparams(opt, int(self.step)), int(dims.max()), 16)
+                       optimizer_hparams(opt, int(self.step)), int(dims.max()), 16,
+                       moved_bytes=int((seg.size - 1) * dims.max() * 4 * (1 + len(opt.states))))
 
     def optimizer_state(self, table: str) -> dict[str, torch.Tensor]:
         """The optimizer's state tensors of one table (empty for SGD)."""

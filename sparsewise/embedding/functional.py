@@ -112,7 +112,8 @@ def _forward_kernel(values, offsets, weights, B, layout, tables, tws, track, pf_
     w = weights if weights is not None else np.empty(0, np.float32)
     if offsets.size > 1 and B > 0:
         K.pooled_forward(values, offsets, w, weights is not None, B, layout.feat_table, layout.feat_col,
-                         layout.feat_pool, addr, stride, dim, code, out, argmax, track, pf_dist)
+                         layout.feat_pool, addr, stride, dim, code, out, argmax, track, pf_dist,
+                         moved_bytes=int(values.size * stride.max()))
     return torch.from_numpy(out), argmax
 
 

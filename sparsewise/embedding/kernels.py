@@ -152,7 +152,6 @@ def _compiled():
 
     # values (nnz,) int64, offsets (F*B+1,) int64, weights (nnz,) float32 (ignored unless has_w),
     # out (B, C) float32, argmax (B, C) int32 (written for max-pooled fp32 features if track)
-    @numba.njit(parallel=True, boundscheck=False, nogil=True)
     def pooled_forward(values, offsets, weights, has_w, B, feat_table, feat_col, feat_pool,
                        tab_addr, tab_stride, tab_dim, tab_dtype, out, argmax, track, pf_dist):
         nbags = offsets.shape[0] - 1
@@ -276,8 +275,6 @@ def _compiled():
     # in place. kind: 0 SGD, 1 Adagrad, 2 row-wise Adagrad, 3 Adam. tab_s1/tab_s2: addresses of
     # the state tensors (0 when unused). hp float32 = (lr, eps, beta1, beta2, adam_step_size):
     # Adam as torch.optim.SparseAdam, step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t).
-    # reassoc lets LLVM vectorise the row-wise sum of squares (strict order: 128 dependent adds)
-    @numba.njit(parallel=True, boundscheck=False, nogil=True, fastmath={"reassoc", "contract"})
     def fused_update(values, offsets, weights, has_w, B, feat_table, feat_col, feat_pool, pos, seg, bag_of,
                      grad, argmax, tab_addr, tab_dim, tab_s1, tab_s2, kind, hp, max_dim, pf_dist):
         nseg = seg.shape[0] - 1
@@ -352,20 +349,36 @@ def _compiled():
                         v[d] += (g[d] * g[d] - v[d]) * (np.float32(1.0) - b2)
                         w[d] -= adam_step * m[d] / (np.sqrt(v[d]) + eps)
 
-    return pooled_forward, check_ids, sort_by_row, fused_update
+    # Each parallel kernel also exists serial: on 2 busy cores a parallel launch can cost
+    # milliseconds (torch's and numba's OpenMP pools spin against each other), more than a small
+    # batch's whole lookup. The callers pick by the bytes a call moves (SERIAL_BYTES).
+    par = dict(boundscheck=False, nogil=True)
+    # reassoc lets LLVM vectorise the row-wise sum of squares (strict order: D dependent adds)
+    upd = dict(par, fastmath={"reassoc", "contract"})
+    return {
+        "forward": (numba.njit(parallel=True, **par)(pooled_forward), numba.njit(**par)(pooled_forward)),
+        "update": (numba.njit(parallel=True, **upd)(fused_update), numba.njit(**upd)(fused_update)),
+        "check_ids": check_ids,
+        "sort_by_row": sort_by_row,
+    }
 
 
-def pooled_forward(*args):
-    return _compiled()[0](*args)
+SERIAL_BYTES = 1 << 20  # a call moving fewer row bytes than this runs on one thread
+
+
+def pooled_forward(*args, moved_bytes: int):
+    """Pool every bag (see the kernel's comment for the arguments); serial below SERIAL_BYTES."""
+    return _compiled()["forward"][moved_bytes < SERIAL_BYTES](*args)
 
 
 def check_ids(*args):
-    return _compiled()[1](*args)
+    return _compiled()["check_ids"](*args)
 
 
 def sort_by_row(*args):
-    return _compiled()[2](*args)
+    return _compiled()["sort_by_row"](*args)
 
 
-def fused_update(*args):
-    return _compiled()[3](*args)
+def fused_update(*args, moved_bytes: int):
+    """Sum each distinct row's gradient and apply the optimizer; serial below SERIAL_BYTES."""
+    return _compiled()["update"][moved_bytes < SERIAL_BYTES](*args)

@@ -1,0 +1,218 @@
+"""``sparsewise bench embedding``: the engine vs nn.EmbeddingBag (and FBGEMM when installed).
+
+Forward: 8 tables x 1M rows x dim 128 (4 GB in fp32: 128 times the last-level cache), batch 8192,
+32 ids per bag, ids uniform and Zipf(1.05), Zipf(1.15); rows stored fp32, bf16, int8. Baseline:
+one ``nn.EmbeddingBag(mode="sum")`` per table holding the same fp32 values (how users write it),
+its outputs not even concatenated. Training: one 1M x 128 table, batch 4096 x 32 uniform ids,
+forward + backward + optimizer; baseline ``nn.EmbeddingBag(sparse=True)`` + ``torch.optim.Adagrad``,
+and FBGEMM's CPU table-batched embedding with fused exact row-wise Adagrad when the ``peers``
+extra is installed. Table values are random (``normal``); ids are synthetic (uniform / Zipf).
+Every ratio is measured interleaved in one process by :func:`sparsewise.bench.compare`, cycling
+through 3 different id batches so no call re-reads the previous call's rows from cache.
+"""
+from __future__ import annotations
+
+import gc
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..bench import compare, write_results
+from .collection import EmbeddingBagCollection
+from .config import Adagrad, RowwiseAdagrad, TableConfig
+from .data import zipf_ids
+from .jagged import KeyedJagged
+
+__all__ = ["forward_rows", "training_rows", "run", "format_table", "fbgemm_available"]
+
+DISTS = {"uniform": 0.0, "zipf1.05": 1.05, "zipf1.15": 1.15}
+
+
+def fbgemm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fbgemm_gpu") is not None
+
+
+def _batches(T, N, B, L, alpha, count, seed):
+    gen = np.random.default_rng(seed)
+    perms = [gen.permutation(N) for _ in range(T)]
+    out = []
+    for _ in range(count):
+        vals = np.concatenate([zipf_ids(B * L, N, alpha, gen, perms[t]) for t in range(T)])
+        out.append(KeyedJagged([f"f{t}" for t in range(T)], torch.from_numpy(vals), lengths=torch.full((T * B,), L)))
+    return out
+
+
+def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), dtypes=("fp32", "bf16", "int8"),
+                 pairs=5, progress=None) -> list[dict]:
+    """Forward lookups: every (distribution, dtype) against one nn.EmbeddingBag per table."""
+    from ..advisor.probe import cached_probe
+
+    probe = cached_probe()
+    bw, gather512 = probe["bandwidth"]["read_gbs_all"], probe["gather"]["row512"]["gbs"]
+    ebc = EmbeddingBagCollection([TableConfig(f"t{t}", N, D, (f"f{t}",), init="normal", seed=t) for t in range(T)]).eval()
+    bags = []
+    for t in range(T):
+        eb = nn.EmbeddingBag(N, D, mode="sum")
+        with torch.no_grad():
+            eb.weight.copy_(ebc.weights()[t])
+        bags.append(eb)
+    offsets = torch.arange(0, B * L, L)
+    rows, todo = [], [(d, dt) for d in dists for dt in dtypes]
+    bar = progress(total=len(todo)) if progress else None
+    engines = {"fp32": ebc}
+    for dist in dists:
+        pool = _batches(T, N, B, L, DISTS[dist], 3, seed=1)
+        for dt in dtypes:
+            if dt not in engines:
+                engines[dt] = ebc.quantize(dt)
+            eng = engines[dt]
+            if bar:
+                bar.set_postfix_str(f"{dist} {dt}")
+            ca, cb = itertools.cycle(pool), itertools.cycle(pool)
+
+            def ours():
+                return eng(next(ca)).values
+
+            def base():
+                v = next(cb).values
+                return [bags[t](v[t * B * L:(t + 1) * B * L], offsets) for t in range(T)]
+
+            with torch.inference_mode():
+                r = compare(ours, base, pairs=pairs, name=f"forward {dist} {dt}")
+            nnz = T * B * L
+            row_b = eng.tables[0].row_bytes
+            gbs = nnz * row_b / r.candidate_s / 1e9
+            rows.append({
+                "kind": "forward", "ids": dist, "dtype": dt, "tables": T, "rows": N, "dim": D, "batch": B, "ids_per_bag": L,
+                "ratio": r.ratio, "ratio_min": r.ratio_min, "ratio_max": r.ratio_max,
+                "ms": r.candidate_s * 1e3, "baseline_ms": r.baseline_s * 1e3, "baseline": "nn.EmbeddingBag fp32 per table",
+                "row_bytes": row_b, "gbs": gbs, "baseline_gbs": nnz * 4 * D / r.baseline_s / 1e9,
+                "pct_gather_limit": 100 * gbs / gather512, "pct_read_bw": 100 * gbs / bw,
+                "table_bytes": T * N * row_b, "pairs": r.pairs, "threads": r.threads})
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    del engines, ebc, bags
+    gc.collect()
+    return rows
+
+
+def training_rows(*, N=1_000_000, D=128, B=4096, L=32, pairs=5, progress=None) -> list[dict]:
+    """One training step (forward, backward, optimizer) on one table, uniform ids."""
+    pool = _batches(1, N, B, L, 0.0, 3, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(B, D, generator=gen)
+    offsets = torch.arange(0, B * L, L)
+    init = torch.randn(N, D, generator=gen) * 0.01
+    baselines = {}
+
+    eb = nn.EmbeddingBag(N, D, mode="sum", sparse=True)
+    with torch.no_grad():
+        eb.weight.copy_(init)
+    opt = torch.optim.Adagrad(eb.parameters(), lr=0.01)
+    cb = itertools.cycle(pool)
+
+    def torch_step():
+        opt.zero_grad(set_to_none=True)
+        eb(next(cb).values, offsets).backward(grad)
+        opt.step()
+
+    baselines["nn.EmbeddingBag(sparse=True) + torch.optim.Adagrad"] = torch_step
+    if fbgemm_available():
+        baselines["FBGEMM TBE CPU, fused exact row-wise Adagrad"] = _fbgemm_step(N, D, init, pool, grad)
+    rows = []
+    cases = [(o, b) for o in ("RowwiseAdagrad", "Adagrad") for b in baselines]
+    bar = progress(total=len(cases)) if progress else None
+    for opt_name, base_name in cases:
+        optim = RowwiseAdagrad(lr=0.01) if opt_name == "RowwiseAdagrad" else Adagrad(lr=0.01)
+        ebc = EmbeddingBagCollection([TableConfig("t", N, D, ("f0",), init=lambda w: w.copy_(init))], optimizer=optim)
+        ca = itertools.cycle(pool)
+
+        def ours():
+            ebc(next(ca)).values.backward(grad)
+
+        if bar:
+            bar.set_postfix_str(f"{opt_name} vs {base_name.split(' ')[0]}")
+        r = compare(ours, baselines[base_name], pairs=pairs, name=f"train {opt_name} vs {base_name}")
+        rows.append({"kind": "train", "optimizer": opt_name, "baseline": base_name, "rows": N, "dim": D, "batch": B,
+                     "ids_per_bag": L, "ratio": r.ratio, "ratio_min": r.ratio_min, "ratio_max": r.ratio_max,
+                     "ms": r.candidate_s * 1e3, "baseline_ms": r.baseline_s * 1e3, "pairs": r.pairs, "threads": r.threads})
+        del ebc
+        gc.collect()
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    return rows
+
+
+def _fbgemm_step(N, D, init, pool, grad):
+    """FBGEMM's CPU table-batched embedding bag with the optimizer fused into backward."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
+                                                                         SplitTableBatchedEmbeddingBagsCodegen)
+
+    tbe = SplitTableBatchedEmbeddingBagsCodegen([(N, D, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+                                                optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01,
+                                                eps=1e-8)
+    with torch.no_grad():
+        tbe.split_embedding_weights()[0].copy_(init)
+    cyc = itertools.cycle(pool)
+
+    def step():
+        kj = next(cyc)
+        tbe(kj.values, kj.offsets).backward(grad)
+
+    return step
+
+
+TABLE_HEADER = ("workload", "ids", "rows", "ratio vs baseline", "ms", "baseline ms", "GB/s", "% gather limit")
+
+
+def format_table(rows: list[dict]) -> str:
+    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["kind"] == "forward":
+            out.append(f"| forward {r['tables']}x{r['rows'] // 1000}k x{r['dim']}, B {r['batch']} x {r['ids_per_bag']} "
+                       f"| {r['ids']} | {r['dtype']} | {r['ratio']:.2f}x | {r['ms']:.1f} | {r['baseline_ms']:.1f} "
+                       f"| {r['gbs']:.1f} | {r['pct_gather_limit']:.0f}% |")
+        else:
+            out.append(f"| train step {r['rows'] // 1000}k x{r['dim']}, B {r['batch']} x {r['ids_per_bag']}: "
+                       f"{r['optimizer']} vs {r['baseline']} | uniform | fp32 | {r['ratio']:.2f}x | {r['ms']:.1f} "
+                       f"| {r['baseline_ms']:.1f} | | |")
+    return "\n".join(out)
+
+
+def run(args) -> Path:
+    """Entry point of ``sparsewise bench embedding``."""
+    from tqdm.auto import tqdm
+
+    from .._util import atomic_write_text, threads
+    from ..advisor.probe import cached_probe
+
+    quick = bool(getattr(args, "quick", False))
+    with threads(args.threads):
+        if quick:
+            fwd = forward_rows(T=2, B=4096, dists=("uniform", "zipf1.15"), pairs=3,
+                               progress=lambda total: tqdm(total=total, desc="bench embedding forward"))
+            trn = training_rows(pairs=3, progress=lambda total: tqdm(total=total, desc="bench embedding train"))
+        else:
+            fwd = forward_rows(progress=lambda total: tqdm(total=total, desc="bench embedding forward"))
+            trn = training_rows(progress=lambda total: tqdm(total=total, desc="bench embedding train"))
+    rows = fwd + trn
+    table = format_table(rows)
+    out = Path(args.out)
+    path = write_results(out / "embedding.json", "embedding", rows, machine=cached_probe(),
+                         extra={"baselines": "nn.EmbeddingBag per table (forward); nn.EmbeddingBag(sparse=True) + "
+                                             "torch.optim.Adagrad and FBGEMM TBE when installed (training)",
+                                "data": "random normal table values, synthetic uniform / Zipf ids", "quick": quick})
+    atomic_write_text(out / "embedding.md", table + "\n")
+    print(table)
+    return path
