@@ -34,11 +34,12 @@ def _batch(rng, keys_rows, B, max_len=5, weighted=False, empty_p=0.3):
 KEYS_ROWS = {"x": 50, "y": 50, "z": 30, "m": 1}
 
 
+@pytest.mark.parametrize("dedup", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("pooling", ["sum", "mean", "max"])
-def test_forward_matches_reference(pooling, weighted):
+def test_forward_matches_reference(pooling, weighted, dedup):
     rng = np.random.default_rng(0)
-    ebc = EmbeddingBagCollection(_tables(pooling))
+    ebc = EmbeddingBagCollection(_tables(pooling), dedup=dedup)
     for B in (1, 3, 17):
         kj = _batch(rng, KEYS_ROWS, B, weighted=weighted)
         out = ebc(kj)
@@ -62,7 +63,7 @@ def test_key_order_of_batch_does_not_matter():
 @pytest.mark.parametrize("weighted", [False, True])
 def test_fused_training_matches_reference_over_steps(opt, weighted):
     rng = np.random.default_rng(2)
-    ebc = EmbeddingBagCollection(_tables(), optimizer=opt)
+    ebc = EmbeddingBagCollection(_tables(), optimizer=opt, dedup=weighted)  # both forward kernels feed backward
     ws = [w.clone() for w in ebc.weights()]
     states = [{k: v.clone() for k, v in ebc.optimizer_state(t.name).items()} for t in ebc.tables]
     for step in range(1, 5):
@@ -118,7 +119,7 @@ def test_hypothesis_jagged_batches(data):
     kj = KeyedJagged(feats, torch.tensor(ids, dtype=torch.int64), lengths=torch.tensor(lens), weights=w)
     opt = data.draw(st.sampled_from(OPTS))
     cfg = TableConfig("t", rows, dim, feats, pooling=pooling, init="normal")
-    ebc = EmbeddingBagCollection([cfg], optimizer=opt)
+    ebc = EmbeddingBagCollection([cfg], optimizer=opt, dedup=data.draw(st.booleans(), label="dedup"))
     with torch.no_grad():
         ref = ebc(kj, backend="reference").values
     ws = [ebc.weights()[0].clone()]

@@ -52,13 +52,14 @@ def test_huge_page_allocation_is_usable():
     assert t.shape == (40_000, 64) and t.is_contiguous() and float(t.sum()) == 1.5 * t.numel()
 
 
+@pytest.mark.parametrize("dedup", [False, True])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "int8"])
 @pytest.mark.parametrize("pooling", ["sum", "mean", "max"])
-def test_quantized_collection_matches_reference_and_bound(dtype, pooling):
+def test_quantized_collection_matches_reference_and_bound(dtype, pooling, dedup):
     rng = np.random.default_rng(0)
     cfgs = [TableConfig("a", 300, 19, ("x", "y"), pooling=pooling, init="normal"),
             TableConfig("b", 50, 8, ("z",), pooling="sum", init="normal", seed=5)]
-    ebc = EmbeddingBagCollection(cfgs)
+    ebc = EmbeddingBagCollection(cfgs, dedup=dedup)
     q = ebc.quantize(dtype)
     assert q.tables[0].dtype == dtype and not q.training
     bags = {k: [rng.integers(0, n, rng.integers(0, 6)).tolist() for _ in range(11)]

@@ -98,9 +98,14 @@ class EmbeddingBagCollection(nn.Module):
     and updates only the touched rows and their optimizer state, in place: there is no separate
     step for the tables. The dense part of a model trains with any torch optimizer as usual.
     Each backward through an output applies one update (so do not backward twice through it).
+
+    ``prefetch``: ids to prefetch ahead (default from the row size). ``dedup=True`` switches the
+    forward gather to the sorted, deduplicating kernel: each chunk of bags reads every distinct row
+    once, in address order (see the README for where it pays on this machine).
     """
 
-    def __init__(self, tables: Sequence[TableConfig], optimizer=None, *, prefetch: int | None = None):
+    def __init__(self, tables: Sequence[TableConfig], optimizer=None, *, prefetch: int | None = None,
+                 dedup: bool = False):
         super().__init__()
         tables = list(tables)
         if not tables:
@@ -131,6 +136,9 @@ class EmbeddingBagCollection(nn.Module):
         self.tables = tables
         self.optimizer = optimizer
         self.prefetch = prefetch
+        if not isinstance(dedup, bool):
+            raise TypeError(f"dedup must be True or False, got {dedup!r}")
+        self.dedup = dedup
         self.embedding_tables = nn.ModuleDict({t.name: _Table(t, optimizer) for t in tables})
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         # autograd needs an input that requires grad to call our backward; not a Parameter, so
@@ -138,8 +146,8 @@ class EmbeddingBagCollection(nn.Module):
         self.anchor = torch.zeros((), requires_grad=True)
         self._layouts: dict[tuple[str, ...], Layout] = {}
         tb = np.cumsum([0] + [t.num_rows for t in tables])
-        self._tab_base = tb[:-1].astype(np.int64)
-        self._total_rows = int(tb[-1])
+        self.tab_base = tb[:-1].astype(np.int64)
+        self.total_rows = int(tb[-1])
 
     # ------------------------------------------------------------------ lookups
     @property
@@ -165,7 +173,7 @@ class EmbeddingBagCollection(nn.Module):
             raise TypeError(f"EmbeddingBagCollection takes a KeyedJagged batch, got {type(kj).__name__}")
         layout = self._layout(tuple(kj.keys))
         train = self.optimizer is not None and self.training and torch.is_grad_enabled()
-        out = lookup(kj, layout, self, train=train, backend=backend, pf_dist=self.prefetch)
+        out = lookup(kj, layout, self, train=train, backend=backend, pf_dist=self.prefetch, dedup=self.dedup)
         # output columns follow the input key order; present them by the collection's features
         cols = {k: int(c) for k, c in zip(layout.keys, layout.feat_col)}
         keys = layout.out_keys
@@ -178,7 +186,7 @@ class EmbeddingBagCollection(nn.Module):
             return
         opt = self.optimizer
         self.step += 1
-        pos, seg, bag_of = K.sort_by_row(values, offsets, B, layout.feat_table, self._tab_base, self._total_rows)
+        pos, seg, bag_of = K.sort_by_row(values, offsets, B, layout.feat_table, self.tab_base, self.total_rows)
         ws = self.weights()
         s1 = np.zeros(len(self.tables), np.int64)
         s2 = np.zeros(len(self.tables), np.int64)
@@ -225,7 +233,7 @@ class EmbeddingBagCollection(nn.Module):
             if t.dtype != "fp32" and d != t.dtype:
                 raise ValueError(f"table {t.name!r} is already {t.dtype}; quantize from the fp32 collection")
             new_cfgs.append(_replace(t, dtype=d, init="zeros"))
-        q = EmbeddingBagCollection(new_cfgs, optimizer=None, prefetch=self.prefetch)
+        q = EmbeddingBagCollection(new_cfgs, optimizer=None, prefetch=self.prefetch, dedup=self.dedup)
         for t, nc in zip(self.tables, new_cfgs):
             src = self.embedding_tables[t.name].weight
             if nc.dtype == t.dtype:
@@ -243,7 +251,8 @@ class EmbeddingBagCollection(nn.Module):
         from safetensors.torch import save_file
 
         meta = {"format": FORMAT, "tables": json.dumps([_cfg_dict(t) for t in self.tables]),
-                "optimizer": json.dumps(_opt_dict(self.optimizer)), "prefetch": json.dumps(self.prefetch)}
+                "optimizer": json.dumps(_opt_dict(self.optimizer)), "prefetch": json.dumps(self.prefetch),
+                "dedup": json.dumps(self.dedup)}
         tensors = {k: v.contiguous() for k, v in self.state_dict().items()}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -262,7 +271,8 @@ class EmbeddingBagCollection(nn.Module):
                     raise ValueError(f"{path} is not a sparsewise embedding checkpoint (format {meta.get('format')!r})")
                 tables = [_cfg_from_dict(d) for d in json.loads(meta["tables"])]
                 opt = _opt_from_dict(json.loads(meta["optimizer"]))
-                ebc = cls([_replace(t, init="zeros") for t in tables], optimizer=opt, prefetch=json.loads(meta["prefetch"]))
+                ebc = cls([_replace(t, init="zeros") for t in tables], optimizer=opt, prefetch=json.loads(meta["prefetch"]),
+                          dedup=bool(json.loads(meta.get("dedup", "false"))))
                 state = ebc.state_dict()
                 missing = set(state) - set(fh.keys())
                 if missing:

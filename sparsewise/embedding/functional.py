@@ -105,15 +105,20 @@ def table_arrays(tables: list[TableConfig], weights: list[torch.Tensor]):
     return (np.array(addr, np.int64), np.array(stride, np.int64), np.array(dim, np.int64), np.array(code, np.int64))
 
 
-def _forward_kernel(values, offsets, weights, B, layout, tables, tws, track, pf_dist):
+def _forward_kernel(values, offsets, weights, B, layout, tables, tws, track, pf_dist, dedup=None):
+    """``dedup``: None, or (tab_base (T,), total_rows) to run the deduplicating (sorted) gather."""
     addr, stride, dim, code = table_arrays(tables, tws)
     out = np.empty((B, layout.width), np.float32)
     argmax = np.empty((B, layout.width) if track else (1, 1), np.int32)
     w = weights if weights is not None else np.empty(0, np.float32)
     if offsets.size > 1 and B > 0:
-        K.pooled_forward(values, offsets, w, weights is not None, B, layout.feat_table, layout.feat_col,
-                         layout.feat_pool, addr, stride, dim, code, out, argmax, track, pf_dist,
-                         moved_bytes=int(values.size * stride.max()))
+        args = (values, offsets, w, weights is not None, B, layout.feat_table, layout.feat_col, layout.feat_pool,
+                addr, stride, dim, code, out, argmax, track, pf_dist)
+        moved = int(values.size * stride.max())
+        if dedup is None:
+            K.pooled_forward(*args, moved_bytes=moved)
+        else:
+            K.pooled_forward_dedup(*args, dedup[0], dedup[1], moved_bytes=moved)
     return torch.from_numpy(out), argmax
 
 
@@ -137,9 +142,9 @@ class _FusedLookup(torch.autograd.Function):
     deduplicated row gradients are applied by the optimizer in place (FBGEMM TBE semantics)."""
 
     @staticmethod
-    def forward(ctx, anchor, state, values, offsets, weights, B, layout, pf_dist):
+    def forward(ctx, anchor, state, values, offsets, weights, B, layout, pf_dist, dedup):
         tables, tws = state.tables, state.weights()
-        out, argmax = _forward_kernel(values, offsets, weights, B, layout, tables, tws, layout.has_max, pf_dist)
+        out, argmax = _forward_kernel(values, offsets, weights, B, layout, tables, tws, layout.has_max, pf_dist, dedup)
         ctx.args = (state, values, offsets, weights, B, layout, argmax)
         return out
 
@@ -147,20 +152,21 @@ class _FusedLookup(torch.autograd.Function):
     def backward(ctx, grad):
         state, values, offsets, weights, B, layout, argmax = ctx.args
         if grad is None:
-            return (None,) * 8
+            return (None,) * 9
         g = grad.detach().to(torch.float32).contiguous()
         if not bool(torch.isfinite(g).all()):
             raise ValueError("the gradient reaching the embedding tables holds NaN or Inf; "
                              "no table or optimizer state was changed")
         state.apply_gradient(values, offsets, weights, B, layout, g.numpy(), argmax)
-        return (None,) * 8
+        return (None,) * 9
 
 
 def lookup(kj: KeyedJagged, layout: Layout, state, *, train: bool, backend: str = "kernel",
-           pf_dist: int | None = None) -> torch.Tensor:
+           pf_dist: int | None = None, dedup: bool = False) -> torch.Tensor:
     """Pooled (B, C) output of every feature of ``kj``. ``state`` is the collection (tables,
-    stored weights, optimizer). With ``train`` the output carries a grad_fn whose backward runs
-    the fused optimizer."""
+    stored weights, optimizer, ``tab_base``/``total_rows`` for ``dedup``). With ``train`` the
+    output carries a grad_fn whose backward runs the fused optimizer. ``dedup`` reads each distinct
+    row of a chunk of bags once, in address order (sorted gather)."""
     values, offsets, weights = check_batch(kj, layout)
     B = kj.batch_size
     tables = state.tables
@@ -172,9 +178,10 @@ def lookup(kj: KeyedJagged, layout: Layout, state, *, train: bool, backend: str 
         raise ValueError(f"backend must be 'kernel' or 'reference', got {backend!r}")
     if pf_dist is None:
         pf_dist = default_prefetch(max(t.row_bytes for t in tables))
+    dd = (state.tab_base, state.total_rows) if dedup else None
     if train:
-        return _FusedLookup.apply(state.anchor, state, values, offsets, weights, B, layout, pf_dist)
-    out, _ = _forward_kernel(values, offsets, weights, B, layout, tables, state.weights(), False, pf_dist)
+        return _FusedLookup.apply(state.anchor, state, values, offsets, weights, B, layout, pf_dist, dd)
+    out, _ = _forward_kernel(values, offsets, weights, B, layout, tables, state.weights(), False, pf_dist, dd)
     return out
 
 

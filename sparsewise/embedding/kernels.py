@@ -25,7 +25,7 @@ import functools
 
 import numpy as np
 
-__all__ = ["pooled_forward", "check_ids", "sort_by_row", "fused_update", "DTYPE_CODES", "POOL_CODES"]
+__all__ = ["pooled_forward", "pooled_forward_dedup", "check_ids", "sort_by_row", "fused_update", "DTYPE_CODES", "POOL_CODES"]
 
 DTYPE_CODES = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3}
 POOL_CODES = {"sum": 0, "mean": 1, "max": 2}
@@ -204,6 +204,67 @@ def _compiled():
                     for d in range(D):
                         o[d] *= inv
 
+    # Deduplicating variant of pooled_forward (same arguments plus tab_base, total_rows): each
+    # chunk of bags sorts its ids by global row, then reads every distinct row once, in address
+    # order, adding it into each bag that holds it. Pays when a batch repeats rows that would not
+    # stay cached between their uses (skewed ids over tables much larger than the cache).
+    def pooled_forward_dedup(values, offsets, weights, has_w, B, feat_table, feat_col, feat_pool,
+                             tab_addr, tab_stride, tab_dim, tab_dtype, out, argmax, track, pf_dist,
+                             tab_base, total_rows):
+        nbags = offsets.shape[0] - 1
+        nchunks = min(nbags, 4 * numba.get_num_threads())
+        bits = bits_for(total_rows)
+        for c in numba.prange(nchunks):
+            i0 = c * nbags // nchunks
+            i1 = (c + 1) * nbags // nchunks
+            s0 = offsets[i0]
+            n = offsets[i1] - s0
+            key = np.empty(n, np.int64)
+            bag = np.empty(n, np.int32)
+            for i in range(i0, i1):
+                f = i // B
+                t = feat_table[f]
+                o = out[i - f * B, feat_col[f]:feat_col[f] + tab_dim[t]]
+                fill = -np.inf if feat_pool[f] == 2 else 0.0
+                for d in range(o.shape[0]):
+                    o[d] = fill
+                base = tab_base[t]
+                for j in range(offsets[i], offsets[i + 1]):
+                    key[j - s0] = base + values[j]
+                    bag[j - s0] = i
+            key, pos = radix_sort(key, np.arange(s0, s0 + n).astype(np.int64), bits)
+            for q in range(n):
+                qp = q + pf_dist
+                if qp < n and (qp == 0 or key[qp] != key[qp - 1]):
+                    tp = feat_table[bag[pos[qp] - s0] // B]
+                    prefetch_row(tab_addr[tp] + values[pos[qp]] * tab_stride[tp], tab_stride[tp])
+                j = pos[q]
+                i = bag[j - s0]
+                f = i // B
+                b = i - f * B
+                t = feat_table[f]
+                D = tab_dim[t]
+                col = feat_col[f]
+                pool = feat_pool[f]
+                o = out[b, col:col + D]
+                am = argmax[b, col:col + D] if track else argmax[0, 0:0]
+                w = weights[j] if has_w else np.float32(1.0)
+                pool_row(o, am, track and pool == 2, j, tab_addr[t] + values[j] * tab_stride[t], D, tab_dtype[t], pool, w)
+            for i in range(i0, i1):
+                f = i // B
+                D = tab_dim[feat_table[f]]
+                o = out[i - f * B, feat_col[f]:feat_col[f] + D]
+                L = offsets[i + 1] - offsets[i]
+                if L == 0 and feat_pool[f] == 2:
+                    for d in range(D):
+                        o[d] = 0.0
+                        if track:
+                            argmax[i - f * B, feat_col[f] + d] = -1
+                elif L > 0 and feat_pool[f] == 1:
+                    inv = np.float32(1.0) / np.float32(L)
+                    for d in range(D):
+                        o[d] *= inv
+
     # values (nnz,), offsets (F*B+1,), feat_rows (F,) rows of each feature's table.
     # Returns the first position j whose id is negative or >= its table's rows, or -1. Serial: it
     # streams 8 bytes per id (~0.1 ms per 100k ids), less than a parallel launch costs on a busy machine.
@@ -217,9 +278,45 @@ def _compiled():
                     return j
         return -1
 
-    # Sort every id of the batch by its global row (table base + id) with an LSD radix sort:
-    # returns (pos (nnz,) positions in sorted order, seg (U+1,) start of each distinct row's run,
-    # bag_of (nnz,) bag of each position). Stable, O(nnz * passes).
+    # LSD radix sort of (key, pos) pairs by key in [0, 2^bits), 12-bit digits; stable. Returns the
+    # sorted (key, pos); the inputs are used as scratch.
+    @njit(inline="always")
+    def radix_sort(key, pos, bits):
+        n = key.shape[0]
+        passes = max(1, (bits + 11) // 12)
+        digit = (bits + passes - 1) // passes
+        mask = (np.int64(1) << digit) - 1
+        key2 = np.empty(n, np.int64)
+        pos2 = np.empty(n, np.int64)
+        count = np.empty((np.int64(1) << digit) + 1, np.int64)
+        shift = 0
+        for _ in range(passes):
+            count[:] = 0
+            for q in range(n):
+                count[((key[q] >> shift) & mask) + 1] += 1
+            for d in range(1, count.shape[0]):
+                count[d] += count[d - 1]
+            for q in range(n):
+                d = (key[q] >> shift) & mask
+                at = count[d]
+                count[d] = at + 1
+                key2[at] = key[q]
+                pos2[at] = pos[q]
+            key, key2 = key2, key
+            pos, pos2 = pos2, pos
+            shift += digit
+        return key, pos
+
+    @njit(inline="always")
+    def bits_for(total_rows):
+        bits = 1
+        while (np.int64(1) << bits) < total_rows:
+            bits += 1
+        return bits
+
+    # Sort every id of the batch by its global row (table base + id): returns (pos (nnz,)
+    # positions in sorted order, seg (U+1,) start of each distinct row's run, bag_of (nnz,) bag of
+    # each position). O(nnz * passes).
     @numba.njit(nogil=True, boundscheck=False)
     def sort_by_row(values, offsets, B, feat_table, tab_base, total_rows):
         nnz = values.shape[0]
@@ -231,32 +328,7 @@ def _compiled():
             for j in range(offsets[i], offsets[i + 1]):
                 key[j] = base + values[j]
                 bag_of[j] = i
-        pos = np.arange(nnz).astype(np.int64)
-        bits = 1
-        while (np.int64(1) << bits) < total_rows:
-            bits += 1
-        passes = (bits + 11) // 12
-        digit = (bits + passes - 1) // passes
-        mask = (np.int64(1) << digit) - 1
-        key2 = np.empty(nnz, np.int64)
-        pos2 = np.empty(nnz, np.int64)
-        count = np.empty((np.int64(1) << digit) + 1, np.int64)
-        shift = 0
-        for _ in range(passes):
-            count[:] = 0
-            for q in range(nnz):
-                count[((key[q] >> shift) & mask) + 1] += 1
-            for d in range(1, count.shape[0]):
-                count[d] += count[d - 1]
-            for q in range(nnz):
-                d = (key[q] >> shift) & mask
-                at = count[d]
-                count[d] = at + 1
-                key2[at] = key[q]
-                pos2[at] = pos[q]
-            key, key2 = key2, key
-            pos, pos2 = pos2, pos
-            shift += digit
+        key, pos = radix_sort(key, np.arange(nnz).astype(np.int64), bits_for(total_rows))
         nseg = 0
         for q in range(nnz):
             if q == 0 or key[q] != key[q - 1]:
@@ -357,6 +429,7 @@ def _compiled():
     upd = dict(par, fastmath={"reassoc", "contract"})
     return {
         "forward": (numba.njit(parallel=True, **par)(pooled_forward), numba.njit(**par)(pooled_forward)),
+        "forward_dedup": (numba.njit(parallel=True, **par)(pooled_forward_dedup), numba.njit(**par)(pooled_forward_dedup)),
         "update": (numba.njit(parallel=True, **upd)(fused_update), numba.njit(**upd)(fused_update)),
         "check_ids": check_ids,
         "sort_by_row": sort_by_row,
@@ -369,6 +442,11 @@ SERIAL_BYTES = 1 << 20  # a call moving fewer row bytes than this runs on one th
 def pooled_forward(*args, moved_bytes: int):
     """Pool every bag (see the kernel's comment for the arguments); serial below SERIAL_BYTES."""
     return _compiled()["forward"][moved_bytes < SERIAL_BYTES](*args)
+
+
+def pooled_forward_dedup(*args, moved_bytes: int):
+    """Deduplicating pooled lookup (sorted gather); serial below SERIAL_BYTES."""
+    return _compiled()["forward_dedup"][moved_bytes < SERIAL_BYTES](*args)
 
 
 def check_ids(*args):
