@@ -172,10 +172,10 @@ def embedding_section(ctx: ReportContext) -> Section:
     from ..embedding.bench import forward_rows, training_rows
 
     if ctx.quick:
-        fwd = forward_rows(T=2, B=4096, dists=("uniform",), pairs=3)
+        fwd = forward_rows(T=2, B=4096, dists=("uniform",), dedups=(False,), pairs=3)
         trn = training_rows(pairs=3)
     else:
-        fwd = forward_rows(dists=("uniform", "zipf1.15"))
+        fwd = forward_rows(dists=("uniform", "zipf1.15"), dedups=(False,))
         trn = training_rows()
     trn = [r for r in trn if r["optimizer"] == "RowwiseAdagrad"]
     ctx.data["embedding"] = fwd + trn

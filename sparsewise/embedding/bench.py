@@ -48,8 +48,8 @@ def _batches(T, N, B, L, alpha, count, seed):
 
 
 def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), dtypes=("fp32", "bf16", "int8"),
-                 pairs=5, progress=None) -> list[dict]:
-    """Forward lookups: every (distribution, dtype) against one nn.EmbeddingBag per table."""
+                 dedups=(False, True), pairs=5, progress=None) -> list[dict]:
+    """Forward lookups: every (distribution, dtype, dedup) against one nn.EmbeddingBag per table."""
     from ..advisor.probe import cached_probe
 
     probe = cached_probe()
@@ -62,17 +62,18 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
             eb.weight.copy_(ebc.weights()[t])
         bags.append(eb)
     offsets = torch.arange(0, B * L, L)
-    rows, todo = [], [(d, dt) for d in dists for dt in dtypes]
+    rows, todo = [], [(d, dt, dd) for d in dists for dt in dtypes for dd in dedups]
     bar = progress(total=len(todo)) if progress else None
     engines = {"fp32": ebc}
     for dist in dists:
         pool = _batches(T, N, B, L, DISTS[dist], 3, seed=1)
-        for dt in dtypes:
+        for dt, dd in itertools.product(dtypes, dedups):
             if dt not in engines:
                 engines[dt] = ebc.quantize(dt)
             eng = engines[dt]
+            eng.dedup = dd
             if bar:
-                bar.set_postfix_str(f"{dist} {dt}")
+                bar.set_postfix_str(f"{dist} {dt}{' dedup' if dd else ''}")
             ca, cb = itertools.cycle(pool), itertools.cycle(pool)
 
             def ours():
@@ -83,12 +84,12 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
                 return [bags[t](v[t * B * L:(t + 1) * B * L], offsets) for t in range(T)]
 
             with torch.inference_mode():
-                r = compare(ours, base, pairs=pairs, name=f"forward {dist} {dt}")
+                r = compare(ours, base, pairs=pairs, name=f"forward {dist} {dt}{' dedup' if dd else ''}")
             nnz = T * B * L
             row_b = eng.tables[0].row_bytes
             gbs = nnz * row_b / r.candidate_s / 1e9
             rows.append({
-                "kind": "forward", "ids": dist, "dtype": dt, "tables": T, "rows": N, "dim": D, "batch": B, "ids_per_bag": L,
+                "kind": "forward", "ids": dist, "dtype": dt, "dedup": dd, "tables": T, "rows": N, "dim": D, "batch": B, "ids_per_bag": L,
                 "ratio": r.ratio, "ratio_min": r.ratio_min, "ratio_max": r.ratio_max,
                 "ms": r.candidate_s * 1e3, "baseline_ms": r.baseline_s * 1e3, "baseline": "nn.EmbeddingBag fp32 per table",
                 "row_bytes": row_b, "gbs": gbs, "baseline_gbs": nnz * 4 * D / r.baseline_s / 1e9,
@@ -173,19 +174,19 @@ def _fbgemm_step(N, D, init, pool, grad):
     return step
 
 
-TABLE_HEADER = ("workload", "ids", "rows", "ratio vs baseline", "ms", "baseline ms", "GB/s", "% gather limit")
+TABLE_HEADER = ("workload", "ids", "rows", "kernel", "ratio vs baseline", "ms", "baseline ms", "GB/s", "% gather limit")
 
 
 def format_table(rows: list[dict]) -> str:
-    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["kind"] == "forward":
-            out.append(f"| forward {r['tables']}x{r['rows'] // 1000}k x{r['dim']}, B {r['batch']} x {r['ids_per_bag']} "
-                       f"| {r['ids']} | {r['dtype']} | {r['ratio']:.2f}x | {r['ms']:.1f} | {r['baseline_ms']:.1f} "
-                       f"| {r['gbs']:.1f} | {r['pct_gather_limit']:.0f}% |")
+            out.append(f"| lookup {r['tables']}x{r['rows'] // 1000}k x{r['dim']}, B {r['batch']} x {r['ids_per_bag']} "
+                       f"| {r['ids']} | {r['dtype']} | {'dedup' if r.get('dedup') else 'prefetch'} | {r['ratio']:.2f}x "
+                       f"| {r['ms']:.1f} | {r['baseline_ms']:.1f} | {r['gbs']:.1f} | {r['pct_gather_limit']:.0f}% |")
         else:
             out.append(f"| train step {r['rows'] // 1000}k x{r['dim']}, B {r['batch']} x {r['ids_per_bag']}: "
-                       f"{r['optimizer']} vs {r['baseline']} | uniform | fp32 | {r['ratio']:.2f}x | {r['ms']:.1f} "
+                       f"{r['optimizer']} vs {r['baseline']} | uniform | fp32 | fused | {r['ratio']:.2f}x | {r['ms']:.1f} "
                        f"| {r['baseline_ms']:.1f} | | |")
     return "\n".join(out)
 
@@ -200,7 +201,7 @@ def run(args) -> Path:
     quick = bool(getattr(args, "quick", False))
     with threads(args.threads):
         if quick:
-            fwd = forward_rows(T=2, B=4096, dists=("uniform", "zipf1.15"), pairs=3,
+            fwd = forward_rows(T=2, B=4096, dists=("uniform", "zipf1.15"), dedups=(False,), pairs=3,
                                progress=lambda total: tqdm(total=total, desc="bench embedding forward"))
             trn = training_rows(pairs=3, progress=lambda total: tqdm(total=total, desc="bench embedding train"))
         else:
