@@ -139,6 +139,7 @@ class EmbeddingBagCollection(nn.Module):
         if not isinstance(dedup, bool):
             raise TypeError(f"dedup must be True or False, got {dedup!r}")
         self.dedup = dedup
+        self._update_pf = 16  # distinct rows prefetched ahead in the fused update
         self.embedding_tables = nn.ModuleDict({t.name: _Table(t, optimizer) for t in tables})
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         # autograd needs an input that requires grad to call our backward; not a Parameter, so
@@ -204,7 +205,7 @@ class EmbeddingBagCollection(nn.Module):
         w = weights if weights is not None else np.empty(0, np.float32)
         K.fused_update(values, offsets, w, weights is not None, B, layout.feat_table, layout.feat_col, layout.feat_pool,
                        pos, seg, bag_of, grad, argmax, addr, dims, s1, s2, np.int64(opt.kind),
-                       optimizer_hparams(opt, int(self.step)), int(dims.max()), 16,
+                       optimizer_hparams(opt, int(self.step)), int(dims.max()), self._update_pf,
                        moved_bytes=int((seg.size - 1) * dims.max() * 4 * (1 + len(opt.states))))
 
     def optimizer_state(self, table: str) -> dict[str, torch.Tensor]:

@@ -113,6 +113,9 @@ def _compiled():
                         o[d] = v
                         if track:
                             am[d] = j
+            elif w == 1.0:  # unweighted bags skip the multiply (measured 1.1x on 512 B rows)
+                for d in range(D):
+                    o[d] += row[d]
             else:
                 for d in range(D):
                     o[d] += w * row[d]
@@ -160,8 +163,14 @@ def _compiled():
             i0 = c * nbags // nchunks
             i1 = (c + 1) * nbags // nchunks
             jend = offsets[i1]
-            pi = i0  # bag of the prefetch cursor
+            # the prefetch cursor: position pj in bag pi, whose table's base and stride are cached
+            # (a division per id to find the table would cost more than the prefetch saves)
+            pi = i0
             pj = offsets[i0]
+            pend = offsets[i0 + 1]
+            tp = feat_table[i0 // B]
+            pbase = tab_addr[tp]
+            pstride = tab_stride[tp]
             for i in range(i0, i1):
                 f = i // B
                 b = i - f * B
@@ -186,10 +195,13 @@ def _compiled():
                     # keep the prefetch cursor pf_dist ids ahead, across bags and features
                     want = min(j + pf_dist, jend)
                     while pj < want:
-                        while offsets[pi + 1] <= pj:
+                        while pend <= pj:
                             pi += 1
-                        tp = feat_table[pi // B]
-                        prefetch_row(tab_addr[tp] + values[pj] * tab_stride[tp], tab_stride[tp])
+                            pend = offsets[pi + 1]
+                            tp = feat_table[pi // B]
+                            pbase = tab_addr[tp]
+                            pstride = tab_stride[tp]
+                        prefetch_row(pbase + values[pj] * pstride, pstride)
                         pj += 1
                     w = weights[j] if has_w else np.float32(1.0)
                     pool_row(o, am, track and pool == 2, j, base + values[j] * stride, D, dt, pool, w)
@@ -266,24 +278,33 @@ def _compiled():
                         o[d] *= inv
 
     # values (nnz,), offsets (F*B+1,), feat_rows (F,) rows of each feature's table.
-    # Returns the first position j whose id is negative or >= its table's rows, or -1. Serial: it
-    # streams 8 bytes per id (~0.1 ms per 100k ids), less than a parallel launch costs on a busy machine.
-    @numba.njit(boundscheck=False, nogil=True)
+    # Returns the first position j whose id is negative or >= its table's rows, or -1.
     def check_ids(values, offsets, B, feat_rows):
-        for i in range(offsets.shape[0] - 1):
-            n = feat_rows[i // B]
-            for j in range(offsets[i], offsets[i + 1]):
-                v = values[j]
-                if v < 0 or v >= n:
-                    return j
+        nbags = offsets.shape[0] - 1
+        nchunks = max(1, min(nbags, 4 * numba.get_num_threads()))
+        bad = np.full(nchunks, -1, np.int64)
+        for c in numba.prange(nchunks):
+            for i in range(c * nbags // nchunks, (c + 1) * nbags // nchunks):
+                n = feat_rows[i // B]
+                for j in range(offsets[i], offsets[i + 1]):
+                    v = values[j]
+                    if v < 0 or v >= n:
+                        bad[c] = j
+                        break
+                if bad[c] >= 0:
+                    break
+        for c in range(nchunks):
+            if bad[c] >= 0:
+                return bad[c]
         return -1
 
-    # LSD radix sort of (key, pos) pairs by key in [0, 2^bits), 12-bit digits; stable. Returns the
+    # LSD radix sort of (key, pos) pairs by key in [0, 2^bits), digits of at most 8 bits (256
+    # scatter streams stay in L1 and the TLB; 12-bit digits measured slower); stable. Returns the
     # sorted (key, pos); the inputs are used as scratch.
     @njit(inline="always")
     def radix_sort(key, pos, bits):
         n = key.shape[0]
-        passes = max(1, (bits + 11) // 12)
+        passes = max(1, (bits + 7) // 8)
         digit = (bits + passes - 1) // passes
         mask = (np.int64(1) << digit) - 1
         key2 = np.empty(n, np.int64)
@@ -352,6 +373,8 @@ def _compiled():
         nseg = seg.shape[0] - 1
         nchunks = max(1, min(nseg, 16 * numba.get_num_threads()))
         lr, eps, b1, b2, adam_step = hp[0], hp[1], hp[2], hp[3], hp[4]
+        grad_addr = grad.ctypes.data
+        gstride = grad.shape[1]
         for c in numba.prange(nchunks):
             g = np.empty(max_dim, np.float32)
             u1 = (c + 1) * nseg // nchunks
@@ -367,6 +390,10 @@ def _compiled():
                         prefetch_row(tab_s1[tp] + values[jp] * rb, rb)
                     elif kind == 2:
                         prefetch_row(tab_s1[tp] + values[jp] * 4, 4)
+                    # and the gradient row of its first occurrence (the (B, C) gradient is L3-resident)
+                    ip = bag_of[jp]
+                    fp = ip // B
+                    prefetch_row(grad_addr + ((ip - fp * B) * gstride + feat_col[fp]) * 4, rb)
                     if kind == 3:
                         prefetch_row(tab_s2[tp] + values[jp] * rb, rb)
                 q0 = seg[u]
@@ -431,7 +458,7 @@ def _compiled():
         "forward": (numba.njit(parallel=True, **par)(pooled_forward), numba.njit(**par)(pooled_forward)),
         "forward_dedup": (numba.njit(parallel=True, **par)(pooled_forward_dedup), numba.njit(**par)(pooled_forward_dedup)),
         "update": (numba.njit(parallel=True, **upd)(fused_update), numba.njit(**upd)(fused_update)),
-        "check_ids": check_ids,
+        "check_ids": (numba.njit(parallel=True, **par)(check_ids), numba.njit(**par)(check_ids)),
         "sort_by_row": sort_by_row,
     }
 
@@ -449,8 +476,9 @@ def pooled_forward_dedup(*args, moved_bytes: int):
     return _compiled()["forward_dedup"][moved_bytes < SERIAL_BYTES](*args)
 
 
-def check_ids(*args):
-    return _compiled()["check_ids"](*args)
+def check_ids(values, offsets, B, feat_rows):
+    """First position whose id is out of its table's range, or -1 (serial below SERIAL_BYTES of ids)."""
+    return _compiled()["check_ids"][values.size * 8 < SERIAL_BYTES](values, offsets, B, feat_rows)
 
 
 def sort_by_row(*args):
