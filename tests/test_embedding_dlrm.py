@@ -124,5 +124,7 @@ def test_bench_rows_tiny(monkeypatch):
     assert {r["dedup"] for r in rows} == {False, True}
     trn = bench.training_rows(N=5000, D=16, B=64, L=4, pairs=1)
     assert {r["optimizer"] for r in trn} == {"RowwiseAdagrad", "Adagrad"}
-    table = bench.format_table(rows + trn)
-    assert table.count("\n") == len(rows) + len(trn) + 1
+    dl = bench.dlrm_rows(batch_size=64, pairs=1)
+    assert dl[0]["kind"] == "dlrm" and dl[0]["ratio"] > 0
+    table = bench.format_table(rows + trn + dl)
+    assert table.count("\n") == len(rows) + len(trn) + len(dl) + 1

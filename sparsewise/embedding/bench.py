@@ -26,7 +26,7 @@ from .config import Adagrad, RowwiseAdagrad, TableConfig
 from .data import zipf_ids
 from .jagged import KeyedJagged
 
-__all__ = ["forward_rows", "training_rows", "run", "format_table", "fbgemm_available"]
+__all__ = ["forward_rows", "training_rows", "dlrm_rows", "run", "format_table", "fbgemm_available"]
 
 DISTS = {"uniform": 0.0, "zipf1.05": 1.05, "zipf1.15": 1.15}
 
@@ -153,6 +153,47 @@ def training_rows(*, N=1_000_000, D=128, B=4096, L=32, pairs=5, progress=None) -
     return rows
 
 
+def dlrm_rows(*, batch_size=1024, pairs=7) -> list[dict]:
+    """One DLRM training step (forward, backward, fused embedding Adagrad, dense Adam) against the
+    same model written with nn.EmbeddingBag(sparse=True) + torch.optim.Adagrad, interleaved, on
+    MovieLens-100k batches (synthetic Criteo-like batches when recbole is not installed)."""
+    from .data import movielens_100k, synthetic_criteo
+    from .dlrm import DLRM, TorchDLRM
+
+    try:
+        data, _ = movielens_100k()
+    except FileNotFoundError:
+        data = synthetic_criteo(40 * batch_size, scale=1e-2)
+    model = DLRM.for_data(data, dim=16, lr=0.1)
+    base = TorchDLRM.from_dlrm(model)
+    loss_fn = nn.BCEWithLogitsLoss()
+    batches = [data.batch(lo, lo + batch_size) for lo in range(0, len(data) - batch_size + 1, batch_size)][:16]
+
+    def stepper(m):
+        dense_opt = torch.optim.Adam(m.dense_parameters(), lr=3e-3)
+        sparse_opt = torch.optim.Adagrad(list(m.bags.parameters()), lr=0.1) if isinstance(m, TorchDLRM) else None
+        cyc = itertools.cycle(batches)
+
+        def step():
+            x, kj, y = next(cyc)
+            dense_opt.zero_grad(set_to_none=True)
+            if sparse_opt is not None:
+                sparse_opt.zero_grad(set_to_none=True)
+            loss_fn(m(x, kj), y).backward()
+            dense_opt.step()
+            if sparse_opt is not None:
+                sparse_opt.step()
+
+        return step
+
+    r = compare(stepper(model), stepper(base), pairs=pairs, name="dlrm train step")
+    return [{"kind": "dlrm", "data": data.name, "batch": batch_size, "tables": len(model.ebc.tables),
+             "rows": sum(t.num_rows for t in model.ebc.tables), "ratio": r.ratio, "ratio_min": r.ratio_min,
+             "ratio_max": r.ratio_max, "ms": r.candidate_s * 1e3, "baseline_ms": r.baseline_s * 1e3,
+             "baseline": "same DLRM with nn.EmbeddingBag(sparse=True) + torch.optim.Adagrad", "pairs": r.pairs,
+             "threads": r.threads}]
+
+
 def _fbgemm_step(N, D, init, pool, grad):
     """FBGEMM's CPU table-batched embedding bag with the optimizer fused into backward."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -184,6 +225,9 @@ def format_table(rows: list[dict]) -> str:
             out.append(f"| lookup {r['tables']}x{r['rows'] // 1000}k x{r['dim']}, B {r['batch']} x {r['ids_per_bag']} "
                        f"| {r['ids']} | {r['dtype']} | {'dedup' if r.get('dedup') else 'prefetch'} | {r['ratio']:.2f}x "
                        f"| {r['ms']:.1f} | {r['baseline_ms']:.1f} | {r['gbs']:.1f} | {r['pct_gather_limit']:.0f}% |")
+        elif r["kind"] == "dlrm":
+            out.append(f"| DLRM train step, {r['data']}, batch {r['batch']} | real | fp32 | fused | {r['ratio']:.2f}x "
+                       f"| {r['ms']:.2f} | {r['baseline_ms']:.2f} | | |")
         else:
             out.append(f"| train step {r['rows'] // 1000}k x{r['dim']}, B {r['batch']} x {r['ids_per_bag']}: "
                        f"{r['optimizer']} vs {r['baseline']} | uniform | fp32 | fused | {r['ratio']:.2f}x | {r['ms']:.1f} "
@@ -207,6 +251,7 @@ def run(args) -> Path:
         else:
             fwd = forward_rows(progress=lambda total: tqdm(total=total, desc="bench embedding forward"))
             trn = training_rows(progress=lambda total: tqdm(total=total, desc="bench embedding train"))
+        trn += dlrm_rows(pairs=3 if quick else 7)
     rows = fwd + trn
     table = format_table(rows)
     out = Path(args.out)
