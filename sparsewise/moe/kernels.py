@@ -1,0 +1,151 @@
+"""CPU kernels for grouped expert products, and the naive per-token loop that is their oracle.
+
+Legend: E = experts, R = output rows of one expert matrix (2H for gate+up, D for down),
+C = input columns (D for gate+up, H for down), N = routed rows (tokens sorted by expert,
+see RoutingPlan), U = experts that received at least one row.
+
+``grouped_matvec``: for every used expert e and its rows s..s+n (offsets[e]:offsets[e+1])
+    out[s+b, r] = sum_c W[e, r, c] * x[s+b, c]
+reading each used expert's weight rows exactly once per call (the rows of one expert stay in
+L1 while its few tokens are multiplied), threads splitting the output rows of all used
+experts. That is what decode needs: it is bound by the bytes of the experts actually used.
+For many rows per expert (prefill) torch's GEMM wins and the function layer uses it instead.
+bf16 weights are read as their 16-bit patterns and widened in registers; x and out are fp32.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["grouped_matvec", "reference_moe", "ACTIVATIONS", "activate"]
+
+ROWS_PER_TASK = 16  # output rows per parallel task: 16 x C weights, a 64 KB stream at C=1024 fp32
+
+ACTIVATIONS = ("swiglu", "geglu", "gelu")
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """(n, 2H) gate|up -> (n, H) for gated activations; (n, H) -> (n, H) for "gelu"."""
+    if activation == "swiglu":
+        g, u = h.chunk(2, dim=-1)
+        return F.silu(g) * u
+    if activation == "geglu":
+        g, u = h.chunk(2, dim=-1)
+        return F.gelu(g) * u
+    if activation == "gelu":
+        return F.gelu(h)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    # compiled on first use: importing sparsewise.moe compiles nothing
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def as_f32(typingctx, raw):
+        # a weight as fp32: uint16 holds bf16 bits (the high half of the fp32 bits)
+        sig = types.float32(raw)
+
+        def codegen(context, builder, signature, args):
+            if signature.args[0] == types.uint16:
+                wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+                return builder.bitcast(wide, ir.FloatType())
+            return args[0]
+
+        return sig, codegen
+
+    @numba.njit(parallel=True, fastmath=True, cache=False)
+    def matvec(w, x, offsets, used, out):
+        # w (E, R, C) f32|u16 ; x (N, C) f32 ; offsets (E+1,) i64 ; used (U,) i64 ; out (N, R) f32
+        R = w.shape[1]
+        C = w.shape[2]
+        per = (R + 15) // 16
+        for task in numba.prange(used.shape[0] * per):
+            e = used[task // per]
+            r0 = (task % per) * 16
+            s = offsets[e]
+            n = offsets[e + 1] - s
+            for r in range(r0, min(R, r0 + 16)):
+                b = 0
+                while b + 4 <= n:  # 4 token rows share every weight load
+                    a0 = np.float32(0.0)
+                    a1 = np.float32(0.0)
+                    a2 = np.float32(0.0)
+                    a3 = np.float32(0.0)
+                    for c in range(C):
+                        wv = as_f32(w[e, r, c])
+                        a0 += wv * x[s + b, c]
+                        a1 += wv * x[s + b + 1, c]
+                        a2 += wv * x[s + b + 2, c]
+                        a3 += wv * x[s + b + 3, c]
+                    out[s + b, r] = a0
+                    out[s + b + 1, r] = a1
+                    out[s + b + 2, r] = a2
+                    out[s + b + 3, r] = a3
+                    b += 4
+                while b < n:
+                    a0 = np.float32(0.0)
+                    for c in range(C):
+                        a0 += as_f32(w[e, r, c]) * x[s + b, c]
+                    out[s + b, r] = a0
+                    b += 1
+
+    return matvec
+
+
+def _weight_array(w: torch.Tensor) -> np.ndarray:
+    if w.dtype == torch.bfloat16:
+        return w.view(torch.int16).numpy().view(np.uint16)
+    if w.dtype == torch.float32:
+        return w.numpy()
+    raise TypeError(f"grouped_matvec takes float32 or bfloat16 weights, got {w.dtype}")
+
+
+# (E, R, C) f32|bf16 weight, (N, C) rows sorted by expert, offsets (E+1,), used experts -> (N, R) f32
+def grouped_matvec(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, used: list[int]) -> torch.Tensor:
+    """Per used expert e: ``x[offsets[e]:offsets[e+1]] @ w[e].T`` in fp32, weights read once.
+
+    Inputs are checked by the caller (``sparsewise.moe.experts``); this layer only converts.
+
+    >>> w = torch.randn(3, 8, 4); x = torch.randn(2, 4)
+    >>> y = grouped_matvec(w, x, torch.tensor([0, 0, 2, 2]), [1])
+    >>> torch.allclose(y, x @ w[1].T, atol=1e-5)
+    True
+    """
+    n, c = x.shape
+    e, r, c2 = w.shape
+    assert c == c2 and offsets.shape == (e + 1,) and w.is_contiguous()
+    out = torch.empty(n, r, dtype=torch.float32)
+    if n == 0 or not used:
+        return out
+    xv = x.to(torch.float32).contiguous()
+    _compiled()(_weight_array(w.detach()), xv.numpy(), offsets.numpy(),
+                np.asarray(used, dtype=np.int64), out.numpy())
+    return out
+
+
+def reference_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor, activation: str = "swiglu", keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The naive per-token loop (oracle for outputs and gradients): for each token t and choice j,
+    out[t] += weights[t, j] * down[e] @ act(gate_up[e] @ x[t]), e = expert_ids[t, j]; assignments
+    with keep[t, j] False (capacity drops) are skipped. Computes in fp32."""
+    t_, k = expert_ids.shape
+    rows = []
+    for t in range(t_):
+        acc = torch.zeros(x.shape[1], dtype=torch.float32)
+        for j in range(k):
+            if keep is not None and not bool(keep[t, j]):
+                continue
+            e = int(expert_ids[t, j])
+            h = gate_up[e].to(torch.float32) @ x[t].to(torch.float32)
+            a = activate(h.unsqueeze(0), activation).squeeze(0)
+            acc = acc + weights[t, j].to(torch.float32) * (down[e].to(torch.float32) @ a)
+        rows.append(acc)
+    return torch.stack(rows) if rows else torch.zeros(0, x.shape[1])
