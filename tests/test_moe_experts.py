@@ -45,8 +45,15 @@ def test_expert_with_no_tokens_and_many_rows():
     x = torch.randn(40, 32).abs()
     with torch.no_grad():
         y = moe(x)
-    assert moe.last_plan.counts_list == [0, 0, 40, 0]  # > DECODE_ROWS: the GEMM path
-    torch.testing.assert_close(y, _naive(moe, x), atol=2e-5, rtol=1e-4)
+        assert moe.last_plan.counts_list == [0, 0, 40, 0]  # > DECODE_ROWS: the GEMM path
+        torch.testing.assert_close(y, _naive(moe, x), atol=2e-5, rtol=1e-4)
+        moe.set_prepack()  # oneDNN-prepacked GEMM
+        torch.testing.assert_close(moe(x), _naive(moe, x), atol=2e-5, rtol=1e-4)
+        x[:3, 0] = -1.0  # three tokens elsewhere: a mixed call, kernel for the small experts, GEMM for expert 2
+        torch.testing.assert_close(moe(x), _naive(moe, x), atol=2e-5, rtol=1e-4)
+        assert moe.last_plan.counts_list[2] == 37 and sum(moe.last_plan.counts_list) == 40
+        moe.experts.gate_up.mul_(2)  # the prepacked copy follows in-place weight updates
+        torch.testing.assert_close(moe(x), _naive(moe, x), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("weights", ["dense", "2:4"])
@@ -178,5 +185,5 @@ def test_bad_inputs():
         moe(x)
 
 
-def test_decode_rows_threshold_is_a_constant():
-    assert experts_mod.DECODE_ROWS >= 1
+def test_decode_rows_threshold_per_dtype():
+    assert set(experts_mod.DECODE_ROWS) == {torch.float32, torch.bfloat16}

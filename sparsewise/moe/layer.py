@@ -110,6 +110,14 @@ class MoE(nn.Module):
             self.config = replace(self.config, expert_weights="2:4")
         return self
 
+    def set_prepack(self, enabled: bool = True) -> "MoE":
+        """Inference GEMMs (prefill) on oneDNN-prepacked copies of the dense expert weights:
+        faster prefill for a second copy of the weights in memory (see Experts.set_prepack)."""
+        for ex in (self.experts, self.shared):
+            if ex is not None and ex.packed is None:
+                ex.set_prepack(enabled)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError("x must be a floating-point tensor")
