@@ -187,3 +187,21 @@ def test_bad_inputs():
 
 def test_decode_rows_threshold_per_dtype():
     assert set(experts_mod.DECODE_ROWS) == {torch.float32, torch.bfloat16}
+
+
+@pytest.mark.parametrize("dtype,kernel", [(torch.float32, "perm"), (torch.bfloat16, "perm"), (torch.bfloat16, "dp")])
+def test_grouped_nm_matmul_vs_reference(dtype, kernel):
+    from sparsewise.moe.kernels import grouped_nm_matmul
+    from sparsewise.nm.kernels import available_kernels
+
+    torch.manual_seed(8)
+    ws = [NMTensor.from_dense(torch.randn(70, 100).to(dtype)) for _ in range(5)]  # K=100: a scalar tail
+    if kernel not in available_kernels(ws[0]):
+        pytest.skip(f"{kernel} kernel not available on this CPU")
+    vals, idx = torch.stack([w.values for w in ws]), torch.stack([w.indices for w in ws])
+    offsets = torch.tensor([0, 3, 3, 4, 9, 11])  # expert 1 receives nothing, expert 2 a single row
+    x = torch.randn(11, 100)
+    y = grouped_nm_matmul(vals, idx, x, offsets, [0, 2, 3, 4], kernel)
+    xr = x.to(torch.bfloat16).float() if kernel == "dp" else x
+    want = torch.cat([xr[offsets[e]:offsets[e + 1]] @ ws[e].to_dense().float().T for e in (0, 2, 3, 4)])
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)

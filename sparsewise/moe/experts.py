@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..nm.functional import nm_linear
 from ..nm.tensor import NMTensor
-from .kernels import ACTIVATIONS, activate, grouped_matvec
+from .kernels import ACTIVATIONS, activate, grouped_matvec, grouped_nm_matmul
 from .routing import RoutingPlan
 
 __all__ = ["Experts", "DECODE_ROWS", "uniform_plan"]
@@ -216,9 +216,25 @@ class Experts(nn.Module):
             self._packed_gemm = (key, (gu, dn))
         return self._packed_gemm[1]
 
+    def _nm_kernel(self) -> str | None:
+        # the stacked 2:4 kernel this CPU can run for these experts (None: per-expert nm_linear)
+        from ..nm.kernels import available_kernels
+
+        if self._nm != (2, 4):
+            return None
+        usable = [k for k in available_kernels(self.packed[0][0]) if k in ("dp", "perm")]
+        usable_dn = available_kernels(self.packed[1][0])
+        return next((k for k in usable if k in usable_dn), None)
+
     def _sparse(self, xs: torch.Tensor, plan: RoutingPlan, grad: bool) -> torch.Tensor:
         gu, dn = self.packed
         off = plan.offsets.tolist()
+        kernel = None if grad or xs.device.type != "cpu" else self._nm_kernel()
+        if kernel is not None:  # inference: every used expert in one launch per matrix
+            used = plan.used_experts()
+            h = grouped_nm_matmul(self.gate_up_values, self.gate_up_indices, xs, plan.offsets, used, kernel)
+            return grouped_nm_matmul(self.down_values, self.down_indices, activate(h, self.activation),
+                                     plan.offsets, used, kernel)
         outs = []
         for e in plan.used_experts():
             xe = xs[off[e]:off[e + 1]]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grouped_matvec", "reference_moe", "ACTIVATIONS", "activate"]
+__all__ = ["grouped_matvec", "grouped_nm_matmul", "reference_moe", "ACTIVATIONS", "activate"]
 
 ROWS_PER_TASK = 16  # output rows per parallel task: 16 x C weights, a 64 KB stream at C=1024 fp32
 
@@ -149,3 +149,91 @@ def reference_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
             acc = acc + weights[t, j].to(torch.float32) * (down[e].to(torch.float32) @ a)
         rows.append(acc)
     return torch.stack(rows) if rows else torch.zeros(0, x.shape[1])
+
+
+# ---------------------------------------------------------------- 2:4 experts (dual-side sparsity)
+# The packed 2:4 row kernels of sparsewise.nm (AVX-512 "perm" for fp32 x, "dp" for bf16 values on
+# AVX512_BF16), driven per (used expert, chunk of output rows) from one parallel loop: the router
+# picks the token rows, the packed format skips half the weight bytes, and a decode call costs one
+# kernel launch for all experts instead of one per expert.
+
+NM_ROWS_PER_TASK = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_nm(kernel: str):
+    import numba
+
+    from ..nm.kernels import _compiled as nm_compiled
+
+    _par, ser = nm_compiled()[kernel]
+    blk = 64 if kernel == "dp" else 32
+
+    @numba.njit(parallel=True)
+    def relayout(x, rows_expert, offsets, kmain, out):
+        # x (N, K) -> out: per expert segment s..s+n, the first kmain inputs block-major
+        # out[s*kmain + (i*n + b)*blk + j] = x[s + b, i*blk + j]
+        for row in numba.prange(x.shape[0]):
+            e = rows_expert[row]
+            s = offsets[e]
+            n = offsets[e + 1] - s
+            b = row - s
+            for i in range(kmain // blk):
+                base = s * kmain + (i * n + b) * blk
+                for j in range(blk):
+                    out[base + j] = x[row, i * blk + j]
+
+    @numba.njit(parallel=True)
+    def grouped(vals, meta, xb, xt, offsets, used, out, R, K, kmain, nobias):
+        # vals (E*R*K/2,) f32|i16 ; meta (E*R*ceil(K/8),) u8 ; xb block-major segments ; xt (N*kt,) f32
+        # out (N, R) f32 ; every used expert's rows cut in chunks of NM_ROWS_PER_TASK
+        half = K // 2
+        row_bytes = (K // 2 * 2 + 7) // 8  # 2 bits per kept value, as in sparsewise.nm
+        kt = K - kmain
+        per = (R + 63) // 64
+        for task in numba.prange(used.shape[0] * per):
+            e = used[task // per]
+            r0 = (task % per) * 64
+            ch = min(64, R - r0)
+            s = offsets[e]
+            n = offsets[e + 1] - s
+            y = np.empty(n * ch, np.float32)
+            v0 = (e * R + r0) * half
+            m0 = (e * R + r0) * row_bytes
+            ser(vals[v0:v0 + ch * half], meta[m0:m0 + ch * row_bytes], xb[s * kmain:(s + n) * kmain],
+                xt[s * kt:(s + n) * kt], y, ch, K, n, nobias)
+            for b in range(n):
+                for o in range(ch):
+                    out[s + b, r0 + o] = y[b * ch + o]
+
+    return relayout, grouped, blk
+
+
+# (E, R, K/2) kept values, (E, R, ceil(K/8)) uint8 codes, (N, K) rows sorted by expert -> (N, R) f32
+def grouped_nm_matmul(values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
+                      used: list[int], kernel: str) -> torch.Tensor:
+    """Per used expert e: ``x[offsets[e]:offsets[e+1]] @ W_e.T`` with W_e packed 2:4 (the stacked
+    ``values``/``indices`` of NMTensors, format of ``sparsewise.nm.tensor``), in one launch.
+    ``kernel`` is "perm" (fp32 x) or "dp" (bf16 values, bf16 x). Checked by the caller."""
+    from ..nm.kernels import _as_kernel_values
+
+    e_, r, half = values.shape
+    k = half * 2
+    n = x.shape[0]
+    out = torch.empty(n, r, dtype=torch.float32)
+    if n == 0 or not used:
+        return out
+    relayout, grouped, blk = _compiled_nm(kernel)
+    xdtype = torch.bfloat16 if kernel == "dp" else torch.float32
+    kmain = k // blk * blk
+    xc = x.to(xdtype).contiguous()
+    counts = offsets[1:] - offsets[:-1]
+    rows_expert = torch.repeat_interleave(torch.arange(e_), counts)
+    xb = torch.empty(n * kmain, dtype=xdtype)
+    xv = xc.view(torch.int16).numpy() if kernel == "dp" else xc.numpy()
+    xbv = xb.view(torch.int16).numpy() if kernel == "dp" else xb.numpy()
+    relayout(xv, rows_expert.numpy(), offsets.numpy(), kmain, xbv)
+    xt = xc[:, kmain:].to(torch.float32).contiguous().numpy().reshape(-1) if kmain < k else np.zeros(0, np.float32)
+    grouped(_as_kernel_values(values.detach()), indices.numpy().reshape(-1), xbv, xt, offsets.numpy(),
+            np.asarray(used, dtype=np.int64), out.numpy(), r, k, kmain, np.zeros(0, np.float32))
+    return out
