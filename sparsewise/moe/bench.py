@@ -9,15 +9,17 @@ Workloads (synthetic random-normal weights in these shapes; speed does not depen
   width 1024) and its sigmoid shared-expert gate, softmax top-6 routing.
 
 Per (workload, dtype, tokens), interleaved with :func:`sparsewise.bench.compare` in one process:
-ours with dense experts and with 2:4 experts against the fastest of transformers'
-experts implementations ("eager", "grouped_mm": measured against each other first), and, for
+ours with dense experts (oneDNN-prepacked copies for the prefill GEMMs, ``set_prepack``) and with
+2:4 experts against the fastest of transformers' experts implementations ("eager", "grouped_mm": measured against each other first), and, for
 decode, against computing every expert densely on every token. Decode rows also give the bytes
 of the experts actually used / time as % of the probed read bandwidth; prefill rows give
-FLOP/s as % of the probed GEMM peak of that dtype. Every weight set exceeds the 32 MB L3.
+FLOP/s as % of the probed GEMM peak of that dtype, and capacity mode (factor 1.25, dropped
+fraction) against dropless. Every weight set exceeds the 32 MB L3.
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ WORKLOADS = {
 TOKENS = (1, 16, 128, 2048)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DECODE_MAX = 16
+CAPACITY_FACTOR = 1.25
 
 
 def hf_block(w: dict, dtype: torch.dtype, seed: int = 0):
@@ -111,7 +114,9 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
     for name, dt in itertools.product(workloads, dtypes):
         w, dtype = workloads[name], DTYPES[dt]
         block = hf_block(w, dtype)
-        dense, sparse = MoE.from_hf(block), MoE.from_hf(block, "2:4")
+        dense, sparse = MoE.from_hf(block).set_prepack(), MoE.from_hf(block, "2:4")
+        capped = MoE.from_hf(block)  # Switch/GShard capacity mode, for comparison with dropless
+        capped.config = replace(capped.config, capacity_factor=CAPACITY_FACTOR)
         all_dense = _all_dense(dense)
         shared_bytes = (0 if dense.shared is None else dense.shared.weight_bytes()) + \
             dense.router.weight.numel() * dense.router.weight.element_size()
@@ -142,6 +147,11 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
                 used_d = _used_bytes(dense, pool) + shared_bytes
                 rs = compare(lambda: sparse(xa()), lambda: block(xb()), pairs=pairs, name=f"2:4 {name} {dt} T{t}")
                 used_s = _used_bytes(sparse, pool) + shared_sparse
+                rc = None
+                if t > DECODE_MAX:
+                    rc = compare(lambda: capped(xa()), lambda: dense(xb()), pairs=pairs,
+                                 name=f"capacity {CAPACITY_FACTOR} vs dropless {name} {dt} T{t}")
+                    dropped = sum((capped(x), capped.last_plan.dropped_fraction)[1] for x in pool) / len(pool)
                 ra = None
                 if t <= all_dense_max:
                     ra = compare(lambda: dense(xa()), lambda: all_dense(xb()), pairs=pairs,
@@ -156,6 +166,9 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
                 "ours_dense_ms": rd.candidate_s * 1e3, "ours_24_ms": rs.candidate_s * 1e3,
                 "hf_ms": rd.baseline_s * 1e3,
                 "vs_all_experts_ratio": None if ra is None else ra.ratio,
+                "capacity_factor": CAPACITY_FACTOR if rc else None,
+                "capacity_vs_dropless_ratio": rc.ratio if rc else None,
+                "capacity_dropped_fraction": dropped if rc else None,
                 "used_bytes_dense": used_d, "used_bytes_24": used_s,
                 "dense_pct_read_bw": 100.0 * used_d / rd.candidate_s / 1e9 / bw,
                 "sparse24_pct_read_bw": 100.0 * used_s / rs.candidate_s / 1e9 / bw,
@@ -166,7 +179,7 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
             rows.append(row)
             if bar:
                 bar.update(1)
-        del block, dense, sparse, all_dense
+        del block, dense, sparse, all_dense, capped
     if bar:
         bar.close()
     return rows
@@ -182,7 +195,8 @@ def _used_bytes(moe: MoE, pool) -> float:
 
 
 TABLE_HEADER = ("workload", "dtype", "tokens", "HF impl", "dense vs HF", "2:4 vs HF", "dense vs all experts",
-                "ours dense ms", "HF ms", "% read BW (dense / 2:4)", "% GEMM peak (ours / HF)")
+                "ours dense ms", "HF ms", "% read BW (dense / 2:4)", "% GEMM peak (ours / HF)",
+                "capacity 1.25 vs dropless (dropped)")
 
 
 def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
@@ -194,13 +208,15 @@ def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
                     "-" if r["vs_all_experts_ratio"] is None else f"{r['vs_all_experts_ratio']:.2f}x",
                     f"{r['ours_dense_ms']:.2f}", f"{r['hf_ms']:.2f}",
                     f"{r['dense_pct_read_bw']:.0f}% / {r['sparse24_pct_read_bw']:.0f}%" if decode else "-",
-                    "-" if decode else f"{r['dense_pct_gemm_peak']:.0f}% / {r['hf_pct_gemm_peak']:.0f}%"))
+                    "-" if decode else f"{r['dense_pct_gemm_peak']:.0f}% / {r['hf_pct_gemm_peak']:.0f}%",
+                    "-" if r.get("capacity_vs_dropless_ratio") is None else
+                    f"{r['capacity_vs_dropless_ratio']:.2f}x ({100 * r['capacity_dropped_fraction']:.1f}%)"))
     return out
 
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of measured rows (ratios > 1: faster than the baseline)."""
-    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * 3 + "---|" + "---:|" * 7]
+    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * 4 + "---:|" * 8]
     out += ["| " + " | ".join(c) + " |" for c in table_rows(rows)]
     return "\n".join(out)
 
