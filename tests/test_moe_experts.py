@@ -42,16 +42,16 @@ def test_expert_with_no_tokens_and_many_rows():
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[2, 0] = 10.0  # every token with x[0] > 0 goes to expert 2
-    x = torch.randn(40, 32).abs()
+    x = torch.randn(80, 32).abs()
     with torch.no_grad():
         y = moe(x)
-        assert moe.last_plan.counts_list == [0, 0, 40, 0]  # > DECODE_ROWS: the GEMM path
+        assert moe.last_plan.counts_list == [0, 0, 80, 0]  # > DECODE_ROWS: the GEMM path
         torch.testing.assert_close(y, _naive(moe, x), atol=2e-5, rtol=1e-4)
         moe.set_prepack()  # oneDNN-prepacked GEMM
         torch.testing.assert_close(moe(x), _naive(moe, x), atol=2e-5, rtol=1e-4)
         x[:3, 0] = -1.0  # three tokens elsewhere: a mixed call, kernel for the small experts, GEMM for expert 2
         torch.testing.assert_close(moe(x), _naive(moe, x), atol=2e-5, rtol=1e-4)
-        assert moe.last_plan.counts_list[2] == 37 and sum(moe.last_plan.counts_list) == 40
+        assert moe.last_plan.counts_list[2] == 77 and sum(moe.last_plan.counts_list) == 80
         moe.experts.gate_up.mul_(2)  # the prepacked copy follows in-place weight updates
         torch.testing.assert_close(moe(x), _naive(moe, x), atol=2e-5, rtol=1e-4)
 
@@ -187,6 +187,7 @@ def test_bad_inputs():
 
 def test_decode_rows_threshold_per_dtype():
     assert set(experts_mod.DECODE_ROWS) == {torch.float32, torch.bfloat16}
+    assert max(experts_mod.DECODE_ROWS.values()) < 80  # test_expert_with_no_tokens_and_many_rows reaches the GEMM
 
 
 @pytest.mark.parametrize("dtype,kernel", [(torch.float32, "perm"), (torch.bfloat16, "perm"), (torch.bfloat16, "dp")])
