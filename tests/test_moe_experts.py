@@ -107,15 +107,16 @@ def test_capacity_mode_output_skips_dropped_assignments():
     torch.testing.assert_close(y, _naive(moe, x), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("wide_from", [1, 4, 10**6])  # 2 weight rows per pass, mixed, 1 row per pass
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_matvec_vs_reference(dtype):
+def test_grouped_matvec_vs_reference(dtype, wide_from):
     torch.manual_seed(4)
-    w = torch.randn(5, 37, 19).to(dtype)
-    x = torch.randn(11, 19)
-    offsets = torch.tensor([0, 3, 3, 8, 8, 11])
-    y = grouped_matvec(w, x, offsets, [0, 2, 4])
+    w = torch.randn(5, 37, 19).to(dtype)  # 37 rows: an odd last row in the 2-row passes
+    x = torch.randn(17, 19)
+    offsets = torch.tensor([0, 3, 3, 10, 10, 17])  # 3 and 7 rows: 4-row blocks plus leftovers
+    y = grouped_matvec(w, x, offsets, [0, 2, 4], wide_from=wide_from)
     wf = w.to(torch.float32)
-    want = torch.cat([x[0:3] @ wf[0].T, x[3:8] @ wf[2].T, x[8:11] @ wf[4].T])
+    want = torch.cat([x[0:3] @ wf[0].T, x[3:10] @ wf[2].T, x[10:17] @ wf[4].T])
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
 
 
