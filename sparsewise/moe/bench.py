@@ -9,8 +9,8 @@ Workloads (synthetic random-normal weights in these shapes; speed does not depen
   width 1024) and its sigmoid shared-expert gate, softmax top-6 routing.
 
 Per (workload, dtype, tokens), interleaved with :func:`sparsewise.bench.compare` in one process:
-ours with dense experts (oneDNN-prepacked copies for the prefill GEMMs, ``set_prepack``) and with
-2:4 experts against the fastest of transformers' experts implementations ("eager", "grouped_mm": measured against each other first), and, for
+ours with dense experts (plain, the default; and with oneDNN-prepacked weight copies for the
+GEMMs, ``set_prepack``: 2x weight memory) and with 2:4 experts against the fastest of transformers' experts implementations ("eager", "grouped_mm": measured against each other first), and, for
 decode, against computing every expert densely on every token. Decode rows also give the bytes
 of the experts actually used / time as % of the probed read bandwidth; prefill rows give
 FLOP/s as % of the probed GEMM peak of that dtype, and capacity mode (factor 1.25, dropped
@@ -114,7 +114,8 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
     for name, dt in itertools.product(workloads, dtypes):
         w, dtype = workloads[name], DTYPES[dt]
         block = hf_block(w, dtype)
-        dense, sparse = MoE.from_hf(block).set_prepack(), MoE.from_hf(block, "2:4")
+        dense, sparse = MoE.from_hf(block), MoE.from_hf(block, "2:4")
+        prepacked = MoE.from_hf(block).set_prepack()  # + oneDNN-blocked weight copies (2x memory)
         capped = MoE.from_hf(block)  # Switch/GShard capacity mode, for comparison with dropless
         capped.config = replace(capped.config, capacity_factor=CAPACITY_FACTOR)
         all_dense = _all_dense(dense)
@@ -145,6 +146,8 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
                 _set_impl(block, impl)
                 rd = compare(lambda: dense(xa()), lambda: block(xb()), pairs=pairs, name=f"dense {name} {dt} T{t}")
                 used_d = _used_bytes(dense, pool) + shared_bytes
+                rp = compare(lambda: prepacked(xa()), lambda: block(xb()), pairs=pairs,
+                             name=f"dense+prepack {name} {dt} T{t}")
                 rs = compare(lambda: sparse(xa()), lambda: block(xb()), pairs=pairs, name=f"2:4 {name} {dt} T{t}")
                 used_s = _used_bytes(sparse, pool) + shared_sparse
                 rc = None
@@ -162,6 +165,10 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
                 "shared_experts": w["shared"], "baseline_block": type(block).__name__, "hf_experts_impl": impl,
                 "dtype": dt, "tokens": t, "phase": "decode" if t <= DECODE_MAX else "prefill",
                 "dense_ratio": rd.ratio, "dense_ratio_min": rd.ratio_min, "dense_ratio_max": rd.ratio_max,
+                "prepacked_ratio": rp.ratio, "prepacked_ratio_min": rp.ratio_min,
+                "prepacked_ratio_max": rp.ratio_max, "ours_prepacked_ms": rp.candidate_s * 1e3,
+                "prepacked_pct_read_bw": 100.0 * used_d / rp.candidate_s / 1e9 / bw,
+                "prepacked_pct_gemm_peak": 100.0 * flops / rp.candidate_s / 1e9 / peak,
                 "sparse24_ratio": rs.ratio, "sparse24_ratio_min": rs.ratio_min, "sparse24_ratio_max": rs.ratio_max,
                 "ours_dense_ms": rd.candidate_s * 1e3, "ours_24_ms": rs.candidate_s * 1e3,
                 "hf_ms": rd.baseline_s * 1e3,
@@ -179,7 +186,7 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
             rows.append(row)
             if bar:
                 bar.update(1)
-        del block, dense, sparse, all_dense, capped
+        del block, dense, sparse, all_dense, capped, prepacked
     if bar:
         bar.close()
     return rows
@@ -194,8 +201,9 @@ def _used_bytes(moe: MoE, pool) -> float:
     return total / len(pool)
 
 
-TABLE_HEADER = ("workload", "dtype", "tokens", "HF impl", "dense vs HF", "2:4 vs HF", "dense vs all experts",
-                "ours dense ms", "HF ms", "% read BW (dense / 2:4)", "% GEMM peak (ours / HF)",
+TABLE_HEADER = ("workload", "dtype", "tokens", "HF impl", "dense vs HF", "dense+prepack vs HF", "2:4 vs HF",
+                "dense vs all experts", "ours dense ms", "HF ms", "% read BW (dense / +prepack / 2:4)",
+                "% GEMM peak (dense / +prepack / HF)",
                 "capacity 1.25 vs dropless (dropped)")
 
 
@@ -204,11 +212,13 @@ def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
     for r in rows:
         decode = r["phase"] == "decode"
         out.append((r["workload"], r["dtype"], str(r["tokens"]), r["hf_experts_impl"],
-                    f"{r['dense_ratio']:.2f}x", f"{r['sparse24_ratio']:.2f}x",
+                    f"{r['dense_ratio']:.2f}x", f"{r['prepacked_ratio']:.2f}x", f"{r['sparse24_ratio']:.2f}x",
                     "-" if r["vs_all_experts_ratio"] is None else f"{r['vs_all_experts_ratio']:.2f}x",
                     f"{r['ours_dense_ms']:.2f}", f"{r['hf_ms']:.2f}",
-                    f"{r['dense_pct_read_bw']:.0f}% / {r['sparse24_pct_read_bw']:.0f}%" if decode else "-",
-                    "-" if decode else f"{r['dense_pct_gemm_peak']:.0f}% / {r['hf_pct_gemm_peak']:.0f}%",
+                    f"{r['dense_pct_read_bw']:.0f}% / {r['prepacked_pct_read_bw']:.0f}% / "
+                    f"{r['sparse24_pct_read_bw']:.0f}%" if decode else "-",
+                    "-" if decode else f"{r['dense_pct_gemm_peak']:.0f}% / {r['prepacked_pct_gemm_peak']:.0f}% / "
+                    f"{r['hf_pct_gemm_peak']:.0f}%",
                     "-" if r.get("capacity_vs_dropless_ratio") is None else
                     f"{r['capacity_vs_dropless_ratio']:.2f}x ({100 * r['capacity_dropped_fraction']:.1f}%)"))
     return out
@@ -216,7 +226,7 @@ def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of measured rows (ratios > 1: faster than the baseline)."""
-    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * 4 + "---:|" * 8]
+    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * 4 + "---:|" * 9]
     out += ["| " + " | ".join(c) + " |" for c in table_rows(rows)]
     return "\n".join(out)
 
