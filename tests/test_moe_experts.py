@@ -207,3 +207,15 @@ def test_grouped_nm_matmul_vs_reference(dtype, kernel):
     xr = x.to(torch.bfloat16).float() if kernel == "dp" else x
     want = torch.cat([xr[offsets[e]:offsets[e + 1]] @ ws[e].to_dense().float().T for e in (0, 2, 3, 4)])
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+def test_kernels_refuse_inconsistent_groups():
+    w = torch.randn(3, 8, 4)
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_matvec(w, torch.randn(1, 4), torch.tensor([0, 2, 2, 2]), [0])  # 2 rows routed, x has 1
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_matvec(w, torch.randn(2, 4), torch.tensor([0, 2, 1, 2]), [0])
+    with pytest.raises(ValueError, match="used experts"):
+        grouped_matvec(w, torch.randn(2, 4), torch.tensor([0, 2, 2, 2]), [3])
+    with pytest.raises(ValueError, match="columns"):
+        grouped_matvec(w, torch.randn(2, 5), torch.tensor([0, 2, 2, 2]), [0])

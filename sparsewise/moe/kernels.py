@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grouped_matvec", "grouped_nm_matmul", "reference_moe", "ACTIVATIONS", "activate"]
+__all__ = ["grouped_matvec", "grouped_nm_matmul", "check_groups", "reference_moe", "ACTIVATIONS", "activate"]
 
 ROWS_PER_TASK = 16  # output rows per parallel task: 16 x C weights, a 64 KB stream at C=1024 fp32
 
@@ -164,12 +164,21 @@ def _weight_array(w: torch.Tensor) -> np.ndarray:
     raise TypeError(f"grouped_matvec takes float32 or bfloat16 weights, got {w.dtype}")
 
 
+def check_groups(offsets: torch.Tensor, used: list[int], n: int, e: int) -> None:
+    """Raise ValueError unless ``offsets`` (E+1,) int64 runs from 0 to ``n`` without decreasing
+    and ``used`` names experts in [0, E): the kernels index with these and check nothing."""
+    if offsets.dtype != torch.int64 or offsets.shape != (e + 1,):
+        raise ValueError(f"offsets must be int64 of shape ({e + 1},), got {offsets.dtype} {tuple(offsets.shape)}")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"offsets must rise from 0 to the {n} rows of x, got {offsets.tolist()}")
+    if any((not isinstance(u, int)) or u < 0 or u >= e for u in used):
+        raise ValueError(f"used experts must be integers in [0, {e}), got {used}")
+
+
 # (E, R, C) f32|bf16 weight, (N, C) rows sorted by expert, offsets (E+1,), used experts -> (N, R) f32
 def grouped_matvec(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, used: list[int], *,
                    wide_from: int | None = None) -> torch.Tensor:
     """Per used expert e: ``x[offsets[e]:offsets[e+1]] @ w[e].T`` in fp32, weights read once.
-
-    Inputs are checked by the caller (``sparsewise.moe.experts``); this layer only converts.
 
     >>> w = torch.randn(3, 8, 4); x = torch.randn(2, 4)
     >>> y = grouped_matvec(w, x, torch.tensor([0, 0, 2, 2]), [1])
@@ -178,7 +187,9 @@ def grouped_matvec(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, used
     """
     n, c = x.shape
     e, r, c2 = w.shape
-    assert c == c2 and offsets.shape == (e + 1,) and w.is_contiguous()
+    if c != c2 or not w.is_contiguous():
+        raise ValueError(f"x has {c} columns, the (contiguous) weights {c2}")
+    check_groups(offsets, used, n, e)
     out = torch.empty(n, r, dtype=torch.float32)
     if n == 0 or not used:
         return out
@@ -273,12 +284,17 @@ def grouped_nm_matmul(values: torch.Tensor, indices: torch.Tensor, x: torch.Tens
                       used: list[int], kernel: str) -> torch.Tensor:
     """Per used expert e: ``x[offsets[e]:offsets[e+1]] @ W_e.T`` with W_e packed 2:4 (the stacked
     ``values``/``indices`` of NMTensors, format of ``sparsewise.nm.tensor``), in one launch.
-    ``kernel`` is "perm" (fp32 x) or "dp" (bf16 values, bf16 x). Checked by the caller."""
+    ``kernel`` is "perm" (fp32 x) or "dp" (bf16 values, bf16 x)."""
     from ..nm.kernels import _as_kernel_values
 
     e_, r, half = values.shape
     k = half * 2
     n = x.shape[0]
+    if kernel not in ("perm", "dp"):
+        raise ValueError(f"kernel must be 'perm' or 'dp', got {kernel!r}")
+    if x.dim() != 2 or x.shape[1] != k or indices.shape != (e_, r, (k + 7) // 8) or indices.dtype != torch.uint8:
+        raise ValueError(f"2:4 experts of shape {(e_, r, k)} need x (N, {k}) and uint8 indices {(e_, r, (k + 7) // 8)}")
+    check_groups(offsets, used, n, e_)
     out = torch.empty(n, r, dtype=torch.float32)
     if n == 0 or not used:
         return out
