@@ -219,3 +219,18 @@ def test_kernels_refuse_inconsistent_groups():
         grouped_matvec(w, torch.randn(2, 4), torch.tensor([0, 2, 2, 2]), [3])
     with pytest.raises(ValueError, match="columns"):
         grouped_matvec(w, torch.randn(2, 5), torch.tensor([0, 2, 2, 2]), [0])
+
+
+@pytest.mark.parametrize("prepack", [False, True])
+def test_bf16_mixed_kernel_and_gemm_paths(prepack):
+    # bf16 inference: experts with few rows in the streaming kernel, the others in a grouped GEMM
+    # (plain weights) or oneDNN on prepacked copies
+    torch.manual_seed(9)
+    moe = MoE(64, 48, 5, 2, dtype=torch.bfloat16).set_prepack(prepack)
+    x = torch.randn(30, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        y = moe(x)
+        counts = moe.last_plan.counts_list
+        assert max(counts) > experts_mod.DECODE_ROWS[torch.bfloat16]
+        ref = _naive(moe, x)
+    torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.03)

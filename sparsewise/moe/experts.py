@@ -29,10 +29,11 @@ from .routing import RoutingPlan
 
 __all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_PREPACKED", "uniform_plan"]
 
-# rows per expert up to which the weight-streaming kernel beat torch's GEMM (F.linear) on the
-# development machine, Mixtral-sized experts, interleaved pairs: fp32 2.6x at 64 rows (MKL's fp32
-# GEMM is slow on this AMD CPU), bf16 1.34x at 32 rows and 0.92x at 64
-DECODE_ROWS = {torch.float32: 64, torch.bfloat16: 32}
+# rows per expert up to which the weight-streaming kernel beat torch's GEMM on the development
+# machine, Mixtral-sized experts, interleaved pairs: fp32 vs F.linear 2.6x at 64 rows (MKL's fp32
+# GEMM is slow on this AMD CPU; F.grouped_mm slower still); bf16 vs F.grouped_mm 1.07x at 4 rows,
+# 0.67x at 8
+DECODE_ROWS = {torch.float32: 64, torch.bfloat16: 4}
 # the same against oneDNN's GEMM on prepacked weights (set_prepack), which reads weights well even
 # at a few rows: kernel 1.59x (fp32) / 1.13x (bf16) at 2 rows, 0.90x / 0.61x at 4
 DECODE_ROWS_PREPACKED = {torch.float32: 2, torch.bfloat16: 2}
@@ -200,6 +201,17 @@ class Experts(nn.Module):
             for e in small:
                 y[off[e]:off[e + 1]] = y_small[off[e]:off[e + 1]]
         packed = self._prepacked() if self.prepack else None
+        if packed is None and self.gate_up.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
+            # bf16, plain weights: one grouped GEMM over the big experts' rows (empty groups for
+            # the others, no weight copies): faster than the kernel from 5-8 rows, and than F.linear
+            rows = torch.cat([torch.arange(off[e], off[e + 1]) for e in big])
+            counts = torch.zeros(self.num_experts, dtype=torch.int64)
+            counts[big] = plan.counts[big]
+            offs = counts.cumsum(0).to(torch.int32)
+            h = F.grouped_mm(xs.index_select(0, rows).contiguous(), self.gate_up.transpose(-2, -1), offs=offs)
+            yb = F.grouped_mm(activate(h, self.activation).contiguous(), self.down.transpose(-2, -1), offs=offs)
+            y.index_copy_(0, rows, yb.to(torch.float32))
+            return y
         for e in big:
             xe = xs[off[e]:off[e + 1]]
             if packed is not None:
