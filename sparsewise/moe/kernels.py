@@ -254,17 +254,17 @@ def _compiled_nm(kernel: str):
                     out[base + j] = x[row, i * blk + j]
 
     @numba.njit(parallel=True)
-    def grouped(vals, meta, xb, xt, offsets, used, out, R, K, kmain, nobias):
+    def grouped(vals, meta, xb, xt, offsets, used, out, R, K, kmain, nobias, chunk):
         # vals (E*R*K/2,) f32|i16 ; meta (E*R*ceil(K/8),) u8 ; xb block-major segments ; xt (N*kt,) f32
         # out (N, R) f32 ; every used expert's rows cut in chunks of NM_ROWS_PER_TASK
         half = K // 2
         row_bytes = (K // 2 * 2 + 7) // 8  # 2 bits per kept value, as in sparsewise.nm
         kt = K - kmain
-        per = (R + 63) // 64
+        per = (R + chunk - 1) // chunk
         for task in numba.prange(used.shape[0] * per):
             e = used[task // per]
-            r0 = (task % per) * 64
-            ch = min(64, R - r0)
+            r0 = (task % per) * chunk
+            ch = min(chunk, R - r0)
             s = offsets[e]
             n = offsets[e + 1] - s
             y = np.empty(n * ch, np.float32)
@@ -281,7 +281,7 @@ def _compiled_nm(kernel: str):
 
 # (E, R, K/2) kept values, (E, R, ceil(K/8)) uint8 codes, (N, K) rows sorted by expert -> (N, R) f32
 def grouped_nm_matmul(values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
-                      used: list[int], kernel: str) -> torch.Tensor:
+                      used: list[int], kernel: str, *, chunk: int = NM_ROWS_PER_TASK) -> torch.Tensor:
     """Per used expert e: ``x[offsets[e]:offsets[e+1]] @ W_e.T`` with W_e packed 2:4 (the stacked
     ``values``/``indices`` of NMTensors, format of ``sparsewise.nm.tensor``), in one launch.
     ``kernel`` is "perm" (fp32 x) or "dp" (bf16 values, bf16 x)."""
@@ -310,5 +310,5 @@ def grouped_nm_matmul(values: torch.Tensor, indices: torch.Tensor, x: torch.Tens
     relayout(xv, rows_expert.numpy(), offsets.numpy(), kmain, xbv)
     xt = xc[:, kmain:].to(torch.float32).contiguous().numpy().reshape(-1) if kmain < k else np.zeros(0, np.float32)
     grouped(_as_kernel_values(values.detach()), indices.numpy().reshape(-1), xbv, xt, offsets.numpy(),
-            np.asarray(used, dtype=np.int64), out.numpy(), r, k, kmain, np.zeros(0, np.float32))
+            np.asarray(used, dtype=np.int64), out.numpy(), r, k, kmain, np.zeros(0, np.float32), chunk)
     return out
