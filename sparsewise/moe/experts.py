@@ -1,0 +1,267 @@
+"""Experts as stacked weights, and the dropless grouped compute over a RoutingPlan.
+
+Legend: T = tokens, D = d_model, H = d_ff, E = experts, R = 2H (gated) or H ("gelu"),
+N = kept assignments (rows sorted by expert).
+
+Weights: ``gate_up`` (E, R, D) with the gate rows first, then the up rows (transformers'
+``gate_up_proj`` layout), ``down`` (E, D, H). With ``weights="2:4"`` each expert's two matrices
+are :class:`sparsewise.nm.NMTensor` (kept values are parameters, so the experts train with the
+mask fixed) and the products run in ``sparsewise.nm``'s kernels: dual-side sparsity, the
+router picks the token rows, the packed format skips half the weight bytes.
+
+Paths, chosen per call:
+- inference on CPU, dense weights: experts with at most ``DECODE_ROWS`` rows (decode) go through
+  the numba ``grouped_matvec``, which reads each used expert once for all its rows; experts with
+  more rows take torch's GEMM (on oneDNN-prepacked weights after ``set_prepack()``).
+- otherwise: per used expert, one torch GEMM for gate+up (fused) and one for down on the
+  gathered rows (autograd flows to x, the weights and the routing weights).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nm.functional import nm_linear
+from ..nm.tensor import NMTensor
+from .kernels import ACTIVATIONS, activate, grouped_matvec, grouped_nm_matmul
+from .routing import RoutingPlan
+
+__all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_PREPACKED", "uniform_plan"]
+
+# rows per expert up to which the weight-streaming kernel beat torch's GEMM on the development
+# machine, Mixtral-sized experts, interleaved pairs: fp32 vs F.linear 2.6x at 64 rows (MKL's fp32
+# GEMM is slow on this AMD CPU; F.grouped_mm slower still); bf16 vs F.grouped_mm 1.07x at 4 rows,
+# 0.67x at 8
+DECODE_ROWS = {torch.float32: 64, torch.bfloat16: 4}
+# the same against oneDNN's GEMM on prepacked weights (set_prepack), which reads weights well even
+# at a few rows: kernel 1.59x (fp32) / 1.13x (bf16) at 2 rows, 0.90x / 0.61x at 4
+DECODE_ROWS_PREPACKED = {torch.float32: 2, torch.bfloat16: 2}
+
+
+def uniform_plan(num_tokens: int) -> RoutingPlan:
+    """Every token to expert 0 with weight 1 (how shared experts reuse the expert kernels)."""
+    tokens = torch.arange(num_tokens)
+    return RoutingPlan(num_tokens, 1, 1, torch.zeros(num_tokens, 1, dtype=torch.int64), torch.ones(num_tokens, 1),
+                       tokens, tokens, torch.tensor([num_tokens]), torch.tensor([0, num_tokens]), [num_tokens])
+
+
+class Experts(nn.Module):
+    """``num_experts`` feed-forward experts (SwiGLU, GeGLU or GELU) with stacked weights.
+
+    >>> ex = Experts(4, 16, 32)
+    >>> from sparsewise.moe.routing import build_plan
+    >>> plan = build_plan(torch.tensor([[0, 2], [2, 3]]), torch.full((2, 2), 0.5), 4)
+    >>> ex(torch.randn(2, 16), plan).shape
+    torch.Size([2, 16])
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", *,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        for name, v in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.num_experts, self.d_model, self.d_ff, self.activation = num_experts, d_model, d_ff, activation
+        rows = 2 * d_ff if activation != "gelu" else d_ff
+        self.gate_up = nn.Parameter(torch.empty(num_experts, rows, d_model, dtype=dtype))
+        self.down = nn.Parameter(torch.empty(num_experts, d_model, d_ff, dtype=dtype))
+        nn.init.normal_(self.gate_up, std=d_model ** -0.5)
+        nn.init.normal_(self.down, std=d_ff ** -0.5)
+        self.packed: tuple[list[NMTensor], list[NMTensor]] | None = None
+        self.prepack = False  # see set_prepack
+        self._packed_gemm = None
+
+    def set_prepack(self, enabled: bool = True) -> "Experts":
+        """Keep oneDNN-blocked copies of the dense expert weights for inference GEMMs: experts with
+        more than ``DECODE_ROWS_PREPACKED`` rows use them. Costs a second copy of the weights in
+        memory; on the development machine 1.1-1.6x faster prefill than F.linear on the plain
+        weights, and faster decode from 3-4 rows per expert. Dense experts, torch's mkldnn backend."""
+        if enabled and not torch.backends.mkldnn.is_available():
+            raise NotImplementedError("prepacked expert weights need torch's mkldnn (oneDNN) backend")
+        self.prepack = bool(enabled)
+        if not enabled:
+            self._packed_gemm = None
+        return self
+
+    @property
+    def weights_format(self) -> str:
+        return "dense" if self.packed is None else f"{self.packed[0][0].n}:{self.packed[0][0].m}"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.gate_up if self.packed is None else self.gate_up_values).dtype
+
+    # ------------------------------------------------------------ 2:4 packing
+    @torch.no_grad()
+    def sparsify_(self, n: int = 2, m: int = 4) -> "Experts":
+        """Pack both matrices of every expert N:M (magnitude mask; an already N:M weight, e.g.
+        from ``sparsewise.nm.prune_`` or a pruned checkpoint, is kept exactly). The dense
+        parameters are replaced by the kept values (half the bytes for 2:4)."""
+        if self.packed is not None:
+            raise ValueError(f"experts are already packed ({self.weights_format})")
+        for name, w in (("gate_up", self.gate_up), ("down", self.down)):
+            if w.shape[-1] % m:
+                raise ValueError(f"{name} has {w.shape[-1]} input features, not divisible by m={m}")
+        gu = [NMTensor.from_dense(self.gate_up[e], n, m) for e in range(self.num_experts)]
+        dn = [NMTensor.from_dense(self.down[e], n, m) for e in range(self.num_experts)]
+        del self.gate_up, self.down
+        self.gate_up_values = nn.Parameter(torch.stack([t.values for t in gu]))
+        self.down_values = nn.Parameter(torch.stack([t.values for t in dn]))
+        self.register_buffer("gate_up_indices", torch.stack([t.indices for t in gu]))
+        self.register_buffer("down_indices", torch.stack([t.indices for t in dn]))
+        self._nm = (n, m)
+        self._relink()
+        return self
+
+    def _relink(self) -> None:
+        # NMTensors whose values/indices are views of the parameters and buffers (no copies):
+        # optimizer steps and load_state_dict stay visible to the kernels
+        n, m = self._nm
+        e_, r, _ = self.gate_up_values.shape
+        gu = [NMTensor(self.gate_up_values.data[e], self.gate_up_indices[e], n, m, (r, self.d_model))
+              for e in range(e_)]
+        dn = [NMTensor(self.down_values.data[e], self.down_indices[e], n, m, (self.d_model, self.d_ff))
+              for e in range(e_)]
+        self.packed = (gu, dn)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(dtype) and friends: rebuild the packed views
+        out = super()._apply(fn, *args, **kwargs)
+        if self.packed is not None:
+            self._relink()
+        return out
+
+    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) as dense tensors (pruned positions zero for packed experts)."""
+        if self.packed is None:
+            return self.gate_up, self.down
+        return (torch.stack([t.to_dense() for t in self.packed[0]]),
+                torch.stack([t.to_dense() for t in self.packed[1]]))
+
+    def weight_bytes(self, experts: list[int] | None = None) -> int:
+        """Bytes of the weights of ``experts`` (all by default) as stored."""
+        ids = range(self.num_experts) if experts is None else experts
+        if self.packed is None:
+            per = (self.gate_up[0].numel() + self.down[0].numel()) * self.gate_up.element_size()
+            return per * len(ids)
+        return sum(self.packed[0][e].nbytes + self.packed[1][e].nbytes for e in ids)
+
+    # ------------------------------------------------------------ compute
+    def _check(self, x: torch.Tensor, plan: RoutingPlan) -> None:
+        if not isinstance(plan, RoutingPlan):
+            raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.d_model:
+            raise ValueError(f"x must be (tokens, d_model={self.d_model}), got {tuple(x.shape)}")
+        if plan.num_tokens != x.shape[0]:
+            raise ValueError(f"plan routes {plan.num_tokens} tokens but x has {x.shape[0]}")
+        if plan.num_experts != self.num_experts:
+            raise ValueError(f"plan is for {plan.num_experts} experts, these experts number {self.num_experts}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x is {x.dtype} but the expert weights are {self.dtype}")
+
+    def forward(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """(T, D) tokens and their plan -> (T, D): sum over each token's kept experts of
+        weight * expert(x). Dropless unless the plan dropped assignments (capacity mode)."""
+        self._check(x, plan)
+        out = torch.zeros_like(x)
+        if not plan.token_index.numel():
+            return out + 0.0 * plan.weights.sum().to(x.dtype)  # keep the graph for empty routes
+        xs = x.index_select(0, plan.token_index)
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if self.packed is None:
+            y = self._dense(xs, plan, grad)
+        else:
+            y = self._sparse(xs, plan, grad)
+        y = y * plan.sorted_weights.unsqueeze(1).to(y.dtype)
+        return out.index_add(0, plan.token_index, y.to(x.dtype))
+
+    def _dense(self, xs: torch.Tensor, plan: RoutingPlan, grad: bool) -> torch.Tensor:
+        used = plan.used_experts()
+        off = plan.offsets.tolist()
+        if grad or xs.device.type != "cpu" or self.gate_up.dtype not in (torch.float32, torch.bfloat16):
+            outs = []
+            for e in used:
+                h = F.linear(xs[off[e]:off[e + 1]], self.gate_up[e])
+                outs.append(F.linear(activate(h, self.activation), self.down[e]))
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
+        # inference: experts with few rows stream their weights once through the numba kernel,
+        # the others take a GEMM (prepacked oneDNN weights when enabled)
+        limit = (DECODE_ROWS_PREPACKED if self.prepack else DECODE_ROWS)[self.gate_up.dtype]
+        small = [e for e in used if plan.counts_list[e] <= limit]
+        big = [e for e in used if plan.counts_list[e] > limit]
+        if not big:
+            h = grouped_matvec(self.gate_up, xs, plan.offsets, small)
+            return grouped_matvec(self.down, activate(h, self.activation), plan.offsets, small)
+        y = torch.empty(xs.shape[0], self.d_model, dtype=torch.float32)
+        if small:
+            h = grouped_matvec(self.gate_up, xs, plan.offsets, small)
+            y_small = grouped_matvec(self.down, activate(h, self.activation), plan.offsets, small)
+            for e in small:
+                y[off[e]:off[e + 1]] = y_small[off[e]:off[e + 1]]
+        packed = self._prepacked() if self.prepack else None
+        if packed is None and self.gate_up.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
+            # bf16, plain weights: one grouped GEMM over the big experts' rows (empty groups for
+            # the others, no weight copies): faster than the kernel from 5-8 rows, and than F.linear
+            rows = torch.cat([torch.arange(off[e], off[e + 1]) for e in big])
+            counts = torch.zeros(self.num_experts, dtype=torch.int64)
+            counts[big] = plan.counts[big]
+            offs = counts.cumsum(0).to(torch.int32)
+            h = F.grouped_mm(xs.index_select(0, rows).contiguous(), self.gate_up.transpose(-2, -1), offs=offs)
+            yb = F.grouped_mm(activate(h, self.activation).contiguous(), self.down.transpose(-2, -1), offs=offs)
+            y.index_copy_(0, rows, yb.to(torch.float32))
+            return y
+        for e in big:
+            xe = xs[off[e]:off[e + 1]]
+            if packed is not None:
+                h = torch.ops.mkldnn._linear_pointwise(xe, packed[0][e], None, "none", [], "")
+                ye = torch.ops.mkldnn._linear_pointwise(activate(h, self.activation), packed[1][e], None, "none", [], "")
+            else:
+                ye = F.linear(activate(F.linear(xe, self.gate_up[e]), self.activation), self.down[e])
+            y[off[e]:off[e + 1]] = ye
+        return y
+
+    def _prepacked(self):
+        # oneDNN-blocked copies of each expert's weights, rebuilt when the weights change
+        key = (self.gate_up._version, self.down._version, self.gate_up.data_ptr(), self.down.data_ptr(), self.gate_up.dtype)
+        if self._packed_gemm is None or self._packed_gemm[0] != key:
+            reorder = torch.ops.mkldnn._reorder_linear_weight
+            with torch.no_grad():
+                gu = [reorder(self.gate_up[e].contiguous(), None) for e in range(self.num_experts)]
+                dn = [reorder(self.down[e].contiguous(), None) for e in range(self.num_experts)]
+            self._packed_gemm = (key, (gu, dn))
+        return self._packed_gemm[1]
+
+    def _nm_kernel(self) -> str | None:
+        # the stacked 2:4 kernel this CPU can run for these experts (None: per-expert nm_linear)
+        from ..nm.kernels import available_kernels
+
+        if self._nm != (2, 4):
+            return None
+        usable = [k for k in available_kernels(self.packed[0][0]) if k in ("dp", "perm")]
+        usable_dn = available_kernels(self.packed[1][0])
+        return next((k for k in usable if k in usable_dn), None)
+
+    def _sparse(self, xs: torch.Tensor, plan: RoutingPlan, grad: bool) -> torch.Tensor:
+        gu, dn = self.packed
+        off = plan.offsets.tolist()
+        kernel = None if grad or xs.device.type != "cpu" else self._nm_kernel()
+        if kernel is not None:  # inference: every used expert in one launch per matrix
+            used = plan.used_experts()
+            h = grouped_nm_matmul(self.gate_up_values, self.gate_up_indices, xs, plan.offsets, used, kernel)
+            return grouped_nm_matmul(self.down_values, self.down_indices, activate(h, self.activation),
+                                     plan.offsets, used, kernel)
+        outs = []
+        for e in plan.used_experts():
+            xe = xs[off[e]:off[e + 1]]
+            if grad:
+                h = nm_linear(xe, gu[e], values=self.gate_up_values[e])
+                outs.append(nm_linear(activate(h, self.activation), dn[e], values=self.down_values[e]))
+            else:
+                outs.append(nm_linear(activate(nm_linear(xe, gu[e]), self.activation), dn[e]))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+                f"activation={self.activation}, weights={self.weights_format}")

@@ -1,0 +1,236 @@
+import pytest
+import torch
+
+from sparsewise.moe import MoE, RouterConfig, build_plan, grouped_matvec, reference_moe
+from sparsewise.moe import experts as experts_mod
+from sparsewise.nm import NMTensor, is_nm, nm_mask
+
+# awkward sizes: E not a power of two, k=3, dims not multiples of 16, experts left empty
+CASES = [
+    dict(d=36, h=20, e=5, k=3, t=1),
+    dict(d=36, h=20, e=5, k=3, t=7),
+    dict(d=64, h=44, e=6, k=2, t=13),
+    dict(d=40, h=24, e=3, k=1, t=2),
+]
+
+
+def _naive(moe, x):
+    p = moe.last_plan
+    gu, dn = moe.experts.dense_weights()
+    keep = torch.zeros(p.expert_ids.shape, dtype=torch.bool).reshape(-1)
+    keep[p.slot] = True
+    return reference_moe(x, p.expert_ids, p.weights, gu, dn, moe.config.activation, keep.reshape(p.expert_ids.shape))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "d{d}h{h}e{e}k{k}t{t}".format(**c))
+@pytest.mark.parametrize("weights", ["dense", "2:4"])
+def test_forward_matches_per_token_loop(case, weights):
+    torch.manual_seed(0)
+    moe = MoE(case["d"], case["h"], case["e"], case["k"], expert_weights=weights)
+    x = torch.randn(case["t"], case["d"])
+    with torch.no_grad():
+        y = moe(x)  # inference: the streaming kernel path (dense) or the nm kernels (2:4)
+        ref = _naive(moe, x)
+    torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-4)
+    y2 = moe(x)  # autograd path: torch GEMMs per expert
+    torch.testing.assert_close(y2.detach(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_expert_with_no_tokens_and_many_rows():
+    torch.manual_seed(0)
+    moe = MoE(32, 16, 4, 1)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[2, 0] = 10.0  # every token with x[0] > 0 goes to expert 2
+    x = torch.randn(80, 32).abs()
+    with torch.no_grad():
+        y = moe(x)
+        assert moe.last_plan.counts_list == [0, 0, 80, 0]  # > DECODE_ROWS: the GEMM path
+        torch.testing.assert_close(y, _naive(moe, x), atol=2e-5, rtol=1e-4)
+        moe.set_prepack()  # oneDNN-prepacked GEMM
+        torch.testing.assert_close(moe(x), _naive(moe, x), atol=2e-5, rtol=1e-4)
+        x[:3, 0] = -1.0  # three tokens elsewhere: a mixed call, kernel for the small experts, GEMM for expert 2
+        torch.testing.assert_close(moe(x), _naive(moe, x), atol=2e-5, rtol=1e-4)
+        assert moe.last_plan.counts_list[2] == 77 and sum(moe.last_plan.counts_list) == 80
+        moe.experts.gate_up.mul_(2)  # the prepacked copy follows in-place weight updates
+        torch.testing.assert_close(moe(x), _naive(moe, x), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["dense", "2:4"])
+def test_gradients_match_per_token_loop(weights):
+    torch.manual_seed(2)
+    moe = MoE(36, 20, 5, 3, router=RouterConfig(5, 3, aux_loss_coef=0.01), expert_weights=weights,
+              shared_experts=1)
+    x = torch.randn(6, 36, requires_grad=True)
+    y = moe(x)
+    (y.square().sum() + moe.aux_loss()).backward()
+    # the same function written as the naive loop, on leaf copies of every parameter
+    x2 = x.detach().clone().requires_grad_()
+    rw = moe.router.weight.detach().clone().requires_grad_()
+    ex = moe.experts
+    if weights == "dense":
+        gu = ex.gate_up.detach().clone().requires_grad_()
+        dn = ex.down.detach().clone().requires_grad_()
+        gu_d, dn_d = gu, dn
+    else:
+        gu = ex.gate_up_values.detach().clone().requires_grad_()
+        dn = ex.down_values.detach().clone().requires_grad_()
+        gu_d = torch.stack([torch.zeros(p.shape).scatter(1, p.positions(), gu[e]) for e, p in enumerate(ex.packed[0])])
+        dn_d = torch.stack([torch.zeros(p.shape).scatter(1, p.positions(), dn[e]) for e, p in enumerate(ex.packed[1])])
+    sgu, sdn = (w.detach() for w in moe.shared.dense_weights())
+    logits = x2 @ rw.T
+    probs = torch.softmax(logits, -1)
+    top, ids = probs.topk(3, -1)
+    w = top / top.sum(-1, keepdim=True)
+    ref = reference_moe(x2, ids, w, gu_d, dn_d) + reference_moe(x2, torch.zeros(6, 1, dtype=torch.long),
+                                                                torch.ones(6, 1), sgu, sdn)
+    from sparsewise.moe import load_balancing_loss
+
+    (ref.square().sum() + load_balancing_loss(probs, ids, 5, 0.01)).backward()
+    torch.testing.assert_close(y.detach(), ref.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(moe.router.weight.grad, rw.grad, atol=1e-4, rtol=1e-3)
+    got_gu = ex.gate_up.grad if weights == "dense" else ex.gate_up_values.grad
+    got_dn = ex.down.grad if weights == "dense" else ex.down_values.grad
+    torch.testing.assert_close(got_gu, gu.grad, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(got_dn, dn.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_capacity_mode_output_skips_dropped_assignments():
+    torch.manual_seed(3)
+    moe = MoE(32, 24, 4, 2, capacity_factor=0.5)
+    x = torch.randn(17, 32)
+    with torch.no_grad():
+        y = moe(x)
+    plan = moe.last_plan
+    assert plan.capacity == 5 and plan.dropped > 0 and 0 < plan.dropped_fraction < 1
+    torch.testing.assert_close(y, _naive(moe, x), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("wide_from", [1, 4, 10**6])  # 2 weight rows per pass, mixed, 1 row per pass
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_matvec_vs_reference(dtype, wide_from):
+    torch.manual_seed(4)
+    w = torch.randn(5, 37, 19).to(dtype)  # 37 rows: an odd last row in the 2-row passes
+    x = torch.randn(17, 19)
+    offsets = torch.tensor([0, 3, 3, 10, 10, 17])  # 3 and 7 rows: 4-row blocks plus leftovers
+    y = grouped_matvec(w, x, offsets, [0, 2, 4], wide_from=wide_from)
+    wf = w.to(torch.float32)
+    want = torch.cat([x[0:3] @ wf[0].T, x[3:10] @ wf[2].T, x[10:17] @ wf[4].T])
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_moe_close_to_fp32():
+    torch.manual_seed(5)
+    moe = MoE(64, 32, 6, 2)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        ref = moe(x)
+        moe.to(torch.bfloat16)
+        y = moe(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_pruned_experts_pack_exactly():
+    torch.manual_seed(6)
+    moe = MoE(32, 16, 3, 2)
+    with torch.no_grad():  # as the pruning workflow leaves them: 2:4 zeros in the dense weights
+        for w in (moe.experts.gate_up, moe.experts.down):
+            for e in range(3):
+                w[e].mul_(nm_mask(w[e].abs(), 2, 4))
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        dense = moe(x)
+        moe.sparsify_()
+        packed = moe(x)
+    gu, dn = moe.experts.dense_weights()
+    assert all(is_nm(gu[e], 2, 4) for e in range(3))
+    assert moe.config.expert_weights == "2:4"
+    assert isinstance(moe.experts.packed[0][0], NMTensor)
+    torch.testing.assert_close(packed, dense, atol=2e-5, rtol=1e-4)
+    assert moe.experts.weight_bytes() < 0.6 * 3 * (2 * 16 * 32 + 32 * 16) * 4
+
+
+def test_state_dict_roundtrip_2_4():
+    torch.manual_seed(7)
+    a = MoE(32, 16, 3, 2, expert_weights="2:4")
+    b = MoE(32, 16, 3, 2, expert_weights="2:4")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+
+
+def test_bad_inputs():
+    moe = MoE(32, 16, 4, 2)
+    with pytest.raises(ValueError, match="d_model"):
+        moe(torch.randn(3, 31))
+    with pytest.raises(TypeError, match="bfloat16"):
+        moe.experts(torch.randn(2, 32).to(torch.bfloat16), build_plan(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), 4))
+    with pytest.raises(ValueError, match="routes 2 tokens"):
+        moe.experts(torch.randn(3, 32), build_plan(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), 4))
+    with pytest.raises(ValueError, match="top_k"):
+        MoE(32, 16, 4, 5)
+    with pytest.raises(ValueError, match="expert_weights"):
+        MoE(32, 16, 4, 2, expert_weights="1:2")
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoE(32, 16, 4, 2, capacity_factor=0)
+    with pytest.raises(ValueError, match="num_experts"):
+        MoE(32, 16, 4, 2, router=RouterConfig(5, 2))
+    with pytest.raises(ValueError, match="not divisible"):
+        MoE(30, 16, 4, 2, expert_weights="2:4")
+    x = torch.randn(3, 32)
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        moe(x)
+
+
+def test_decode_rows_threshold_per_dtype():
+    assert set(experts_mod.DECODE_ROWS) == {torch.float32, torch.bfloat16}
+    assert max(experts_mod.DECODE_ROWS.values()) < 80  # test_expert_with_no_tokens_and_many_rows reaches the GEMM
+
+
+@pytest.mark.parametrize("dtype,kernel", [(torch.float32, "perm"), (torch.bfloat16, "perm"), (torch.bfloat16, "dp")])
+def test_grouped_nm_matmul_vs_reference(dtype, kernel):
+    from sparsewise.moe.kernels import grouped_nm_matmul
+    from sparsewise.nm.kernels import available_kernels
+
+    torch.manual_seed(8)
+    ws = [NMTensor.from_dense(torch.randn(70, 100).to(dtype)) for _ in range(5)]  # K=100: a scalar tail
+    if kernel not in available_kernels(ws[0]):
+        pytest.skip(f"{kernel} kernel not available on this CPU")
+    vals, idx = torch.stack([w.values for w in ws]), torch.stack([w.indices for w in ws])
+    offsets = torch.tensor([0, 3, 3, 4, 9, 11])  # expert 1 receives nothing, expert 2 a single row
+    x = torch.randn(11, 100)
+    y = grouped_nm_matmul(vals, idx, x, offsets, [0, 2, 3, 4], kernel)
+    xr = x.to(torch.bfloat16).float() if kernel == "dp" else x
+    want = torch.cat([xr[offsets[e]:offsets[e + 1]] @ ws[e].to_dense().float().T for e in (0, 2, 3, 4)])
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+def test_kernels_refuse_inconsistent_groups():
+    w = torch.randn(3, 8, 4)
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_matvec(w, torch.randn(1, 4), torch.tensor([0, 2, 2, 2]), [0])  # 2 rows routed, x has 1
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_matvec(w, torch.randn(2, 4), torch.tensor([0, 2, 1, 2]), [0])
+    with pytest.raises(ValueError, match="used experts"):
+        grouped_matvec(w, torch.randn(2, 4), torch.tensor([0, 2, 2, 2]), [3])
+    with pytest.raises(ValueError, match="columns"):
+        grouped_matvec(w, torch.randn(2, 5), torch.tensor([0, 2, 2, 2]), [0])
+
+
+@pytest.mark.parametrize("prepack", [False, True])
+def test_bf16_mixed_kernel_and_gemm_paths(prepack):
+    # bf16 inference: experts with few rows in the streaming kernel, the others in a grouped GEMM
+    # (plain weights) or oneDNN on prepacked copies
+    torch.manual_seed(9)
+    moe = MoE(64, 48, 5, 2, dtype=torch.bfloat16).set_prepack(prepack)
+    x = torch.randn(30, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        y = moe(x)
+        counts = moe.last_plan.counts_list
+        assert max(counts) > experts_mod.DECODE_ROWS[torch.bfloat16]
+        ref = _naive(moe, x)
+    torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.03)
