@@ -48,6 +48,7 @@ def test_report_writes_self_contained_html(tmp_path):
     html = (tmp_path / "rep" / "index.html").read_text()
     assert "data:image/png;base64," in html  # plots embedded, no side files
     assert "This machine" in html and "Three kinds of zeros" in html and "Embedding bags" in html
+    assert "Mixture-of-Experts" in html
     assert "src=\"http" not in html
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["probe"]["schema"] == "sparsewise.probe/1"
     assert "report written to" in out.stdout

@@ -238,3 +238,59 @@ def test_corrupted_and_foreign_checkpoints(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a sparsewise embedding checkpoint"):
         EmbeddingBagCollection.load(tmp_path / "other.safetensors")
+
+
+# ---------------------------------------------------------------------- kernel choice
+
+@pytest.mark.parametrize("pooling, weighted", [("sum", True), ("sum", False), ("mean", False), ("max", False)])
+def test_torch_backend_matches_reference(pooling, weighted):
+    rng = np.random.default_rng(7)
+    cfgs = [TableConfig("a", 40, 12, ("x", "y"), pooling=pooling, init="normal"), TableConfig("b", 9, 4, ("z",), pooling=pooling)]
+    ebc = EmbeddingBagCollection(cfgs, backend="torch").eval()
+    kj = _batch(rng, {"x": 40, "y": 40, "z": 9}, 7, weighted=weighted)
+    torch.testing.assert_close(ebc(kj).values, ebc(kj, backend="reference").values, rtol=1e-5, atol=1e-5)
+    q = ebc.quantize("int8") if pooling == "sum" else None
+    if q is not None:
+        torch.testing.assert_close(q(kj).values, q(kj, backend="reference").values, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_backend_refused_where_it_would_differ():
+    ebc = EmbeddingBagCollection([TableConfig("a", 10, 4, ("x",), pooling="mean")], backend="torch").quantize("bf16")
+    with pytest.raises(ValueError, match="backend='torch' needs"):
+        ebc(KeyedJagged.from_lists({"x": [[1]]}))
+    with pytest.raises(ValueError, match="backend must be"):
+        EmbeddingBagCollection([TableConfig("a", 10, 4)], backend="fast")
+
+
+@pytest.mark.parametrize("opt", OPTS, ids=lambda o: type(o).__name__)
+def test_training_through_torch_forward_matches_reference(opt):
+    rng = np.random.default_rng(8)
+    cfgs = [TableConfig("a", 30, 6, ("x", "y"), init="normal"), TableConfig("c", 5, 3, ("m",), pooling="mean", init="normal")]
+    ebc = EmbeddingBagCollection(cfgs, optimizer=opt, backend="torch")
+    ws = [w.clone() for w in ebc.weights()]
+    states = [{k: v.clone() for k, v in ebc.optimizer_state(t.name).items()} for t in ebc.tables]
+    for step in range(1, 4):
+        kj = _batch(rng, {"x": 30, "y": 30, "m": 5}, 6)
+        out = ebc(kj)
+        g = torch.from_numpy(rng.standard_normal(out.values.shape).astype(np.float32))
+        out.values.backward(g)
+        reference_step(ebc.tables, ws, states, opt, kj, g, step)
+    for t in range(2):
+        torch.testing.assert_close(ebc.weights()[t], ws[t], rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_chooser_alternates_then_keeps_the_faster():
+    from sparsewise.embedding.functional import KernelChooser
+
+    ch = KernelChooser(trials=2, recheck=3)
+    seen = []
+    for _ in range(4):
+        k = ch.choose("b")
+        seen.append(k)
+        ch.record("b", k, 1.0 if k == "kernel" else 2.0)
+    assert sorted(seen) == ["kernel", "kernel", "torch", "torch"]
+    assert ch.decisions() == {"b": "kernel"}
+    assert [ch.choose("b") for _ in range(3)] == ["kernel"] * 3
+    assert ch.decisions() == {"b": "kernel"}
+    ch.choose("b")  # the 4th call after deciding starts timing both again
+    assert ch.decisions() == {"b": None}

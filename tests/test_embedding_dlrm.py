@@ -120,8 +120,9 @@ def test_bench_rows_tiny(monkeypatch):
     fake = {"bandwidth": {"read_gbs_all": 30.0}, "gather": {"row512": {"gbs": 12.0}}}
     monkeypatch.setattr("sparsewise.advisor.probe.cached_probe", lambda *a, **k: fake)
     rows = bench.forward_rows(T=2, N=5000, D=16, B=64, L=4, dists=("uniform", "zipf1.15"), dtypes=("fp32", "int8"), pairs=1)
-    assert len(rows) == 8 and all(r["ratio"] > 0 and r["gbs"] > 0 for r in rows)
-    assert {r["dedup"] for r in rows} == {False, True}
+    assert len(rows) == 12 and all(r["ratio"] > 0 and r["gbs"] > 0 for r in rows)
+    assert {r["variant"] for r in rows} == {"kernel", "auto", "dedup"}
+    assert {r["auto_picked"] for r in rows if r["variant"] == "auto"} <= {"kernel", "torch"}
     trn = bench.training_rows(N=5000, D=16, B=64, L=4, pairs=1)
     assert {r["optimizer"] for r in trn} == {"RowwiseAdagrad", "Adagrad"}
     dl = bench.dlrm_rows(batch_size=64, pairs=1)

@@ -24,6 +24,7 @@ from ..bench import compare, write_results
 from .collection import EmbeddingBagCollection
 from .config import Adagrad, RowwiseAdagrad, TableConfig
 from .data import zipf_ids
+from .functional import KernelChooser
 from .jagged import KeyedJagged
 
 __all__ = ["forward_rows", "training_rows", "dlrm_rows", "run", "format_table", "fbgemm_available"]
@@ -48,8 +49,10 @@ def _batches(T, N, B, L, alpha, count, seed):
 
 
 def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), dtypes=("fp32", "bf16", "int8"),
-                 dedups=(False, True), pairs=5, progress=None) -> list[dict]:
-    """Forward lookups: every (distribution, dtype, dedup) against one nn.EmbeddingBag per table."""
+                 variants=("kernel", "auto", "dedup"), pairs=5, progress=None) -> list[dict]:
+    """Forward lookups: every (distribution, dtype, variant) against one nn.EmbeddingBag per table.
+    Variants: "kernel" (our prefetching gather), "dedup" (our sorted gather), "auto" (what a user
+    gets by default: the faster of ours and torch's kernel, chosen on the first live batches)."""
     from ..advisor.probe import cached_probe
 
     probe = cached_probe()
@@ -62,18 +65,24 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
             eb.weight.copy_(ebc.weights()[t])
         bags.append(eb)
     offsets = torch.arange(0, B * L, L)
-    rows, todo = [], [(d, dt, dd) for d in dists for dt in dtypes for dd in dedups]
+    rows, todo = [], [(d, dt, v) for d in dists for dt in dtypes for v in variants]
     bar = progress(total=len(todo)) if progress else None
     engines = {"fp32": ebc}
     for dist in dists:
         pool = _batches(T, N, B, L, DISTS[dist], 3, seed=1)
-        for dt, dd in itertools.product(dtypes, dedups):
+        for dt, variant in itertools.product(dtypes, variants):
             if dt not in engines:
                 engines[dt] = ebc.quantize(dt)
             eng = engines[dt]
-            eng.dedup = dd
+            eng.dedup = variant == "dedup"
+            eng.backend = "auto" if variant == "auto" else "kernel"
+            eng.chooser = KernelChooser()
             if bar:
-                bar.set_postfix_str(f"{dist} {dt}{' dedup' if dd else ''}")
+                bar.set_postfix_str(f"{dist} {dt} {variant}")
+            if variant == "auto":  # let it decide on live batches before the timed pairs
+                with torch.inference_mode():
+                    for kj in pool * 3:
+                        eng(kj)
             ca, cb = itertools.cycle(pool), itertools.cycle(pool)
 
             def ours():
@@ -84,12 +93,13 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
                 return [bags[t](v[t * B * L:(t + 1) * B * L], offsets) for t in range(T)]
 
             with torch.inference_mode():
-                r = compare(ours, base, pairs=pairs, name=f"forward {dist} {dt}{' dedup' if dd else ''}")
+                r = compare(ours, base, pairs=pairs, name=f"forward {dist} {dt} {variant}")
+            picked = (next(iter(eng.chooser.decisions().values()), None) or "kernel") if variant == "auto" else None
             nnz = T * B * L
             row_b = eng.tables[0].row_bytes
             gbs = nnz * row_b / r.candidate_s / 1e9
             rows.append({
-                "kind": "forward", "ids": dist, "dtype": dt, "dedup": dd, "tables": T, "rows": N, "dim": D, "batch": B, "ids_per_bag": L,
+                "kind": "forward", "ids": dist, "dtype": dt, "variant": variant, "auto_picked": picked, "tables": T, "rows": N, "dim": D, "batch": B, "ids_per_bag": L,
                 "ratio": r.ratio, "ratio_min": r.ratio_min, "ratio_max": r.ratio_max,
                 "ms": r.candidate_s * 1e3, "baseline_ms": r.baseline_s * 1e3, "baseline": "nn.EmbeddingBag fp32 per table",
                 "row_bytes": row_b, "gbs": gbs, "baseline_gbs": nnz * 4 * D / r.baseline_s / 1e9,
@@ -215,6 +225,11 @@ def _fbgemm_step(N, D, init, pool, grad):
     return step
 
 
+def _variant(r: dict) -> str:
+    v = r.get("variant", "kernel")
+    return {"kernel": "ours (prefetch)", "dedup": "ours (dedup)"}.get(v, f"auto: {r.get('auto_picked')}")
+
+
 TABLE_HEADER = ("workload", "ids", "rows", "kernel", "ratio vs baseline", "ms", "baseline ms", "GB/s", "% gather limit")
 
 
@@ -223,7 +238,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         if r["kind"] == "forward":
             out.append(f"| lookup {r['tables']}x{r['rows'] // 1000}k x{r['dim']}, B {r['batch']} x {r['ids_per_bag']} "
-                       f"| {r['ids']} | {r['dtype']} | {'dedup' if r.get('dedup') else 'prefetch'} | {r['ratio']:.2f}x "
+                       f"| {r['ids']} | {r['dtype']} | {_variant(r)} | {r['ratio']:.2f}x "
                        f"| {r['ms']:.1f} | {r['baseline_ms']:.1f} | {r['gbs']:.1f} | {r['pct_gather_limit']:.0f}% |")
         elif r["kind"] == "dlrm":
             out.append(f"| DLRM train step, {r['data']}, batch {r['batch']} | real | fp32 | fused | {r['ratio']:.2f}x "
@@ -245,7 +260,7 @@ def run(args) -> Path:
     quick = bool(getattr(args, "quick", False))
     with threads(args.threads):
         if quick:
-            fwd = forward_rows(T=2, B=4096, dists=("uniform", "zipf1.15"), dedups=(False,), pairs=3,
+            fwd = forward_rows(T=2, B=4096, dists=("uniform", "zipf1.15"), variants=("kernel", "auto"), pairs=3,
                                progress=lambda total: tqdm(total=total, desc="bench embedding forward"))
             trn = training_rows(pairs=3, progress=lambda total: tqdm(total=total, desc="bench embedding train"))
         else:

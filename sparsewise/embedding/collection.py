@@ -23,7 +23,7 @@ import torch.nn as nn
 from .._util import atomic_path
 from . import kernels as K
 from .config import OPTIMIZERS, Adagrad, Adam, RowwiseAdagrad, SGD, TableConfig
-from .functional import Layout, lookup, optimizer_hparams
+from .functional import KernelChooser, Layout, lookup, optimizer_hparams
 from .jagged import KeyedJagged
 from .storage import alloc_rows, dequantize_rows, quantize_rows
 
@@ -101,11 +101,15 @@ class EmbeddingBagCollection(nn.Module):
 
     ``prefetch``: ids to prefetch ahead (default from the row size). ``dedup=True`` switches the
     forward gather to the sorted, deduplicating kernel: each chunk of bags reads every distinct row
-    once, in address order (see the README for where it pays on this machine).
+    once, in address order (see the README for where it pays on this machine). ``backend``:
+    "kernel" (ours), "torch" (FBGEMM's kernels behind torch, where they compute the same thing:
+    fp32 rows, or int8 rows with sum pooling) or "auto" (default: times both on the first live
+    batches and keeps the faster, see :class:`~sparsewise.embedding.functional.KernelChooser`).
+    ``forward(kj, backend="reference")`` runs the pure-torch reference.
     """
 
     def __init__(self, tables: Sequence[TableConfig], optimizer=None, *, prefetch: int | None = None,
-                 dedup: bool = False):
+                 dedup: bool = False, backend: str = "auto"):
         super().__init__()
         tables = list(tables)
         if not tables:
@@ -140,6 +144,10 @@ class EmbeddingBagCollection(nn.Module):
             raise TypeError(f"dedup must be True or False, got {dedup!r}")
         self.dedup = dedup
         self._update_pf = 16  # distinct rows prefetched ahead in the fused update
+        if backend not in ("auto", "kernel", "torch"):
+            raise ValueError(f"backend must be 'auto', 'kernel' or 'torch', got {backend!r}")
+        self.backend = backend
+        self.chooser = KernelChooser()
         self.embedding_tables = nn.ModuleDict({t.name: _Table(t, optimizer) for t in tables})
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         # autograd needs an input that requires grad to call our backward; not a Parameter, so
@@ -169,12 +177,13 @@ class EmbeddingBagCollection(nn.Module):
             lay = self._layouts[keys] = Layout.build(self.tables, keys)
         return lay
 
-    def forward(self, kj: KeyedJagged, *, backend: str = "kernel") -> PooledEmbeddings:
+    def forward(self, kj: KeyedJagged, *, backend: str | None = None) -> PooledEmbeddings:
         if not isinstance(kj, KeyedJagged):
             raise TypeError(f"EmbeddingBagCollection takes a KeyedJagged batch, got {type(kj).__name__}")
         layout = self._layout(tuple(kj.keys))
         train = self.optimizer is not None and self.training and torch.is_grad_enabled()
-        out = lookup(kj, layout, self, train=train, backend=backend, pf_dist=self.prefetch, dedup=self.dedup)
+        out = lookup(kj, layout, self, train=train, backend=backend or self.backend, pf_dist=self.prefetch,
+                     dedup=self.dedup, chooser=self.chooser)
         # output columns follow the input key order; present them by the collection's features
         cols = {k: int(c) for k, c in zip(layout.keys, layout.feat_col)}
         keys = layout.out_keys
@@ -234,7 +243,8 @@ class EmbeddingBagCollection(nn.Module):
             if t.dtype != "fp32" and d != t.dtype:
                 raise ValueError(f"table {t.name!r} is already {t.dtype}; quantize from the fp32 collection")
             new_cfgs.append(_replace(t, dtype=d, init="zeros"))
-        q = EmbeddingBagCollection(new_cfgs, optimizer=None, prefetch=self.prefetch, dedup=self.dedup)
+        q = EmbeddingBagCollection(new_cfgs, optimizer=None, prefetch=self.prefetch, dedup=self.dedup,
+                                   backend=self.backend)
         for t, nc in zip(self.tables, new_cfgs):
             src = self.embedding_tables[t.name].weight
             if nc.dtype == t.dtype:

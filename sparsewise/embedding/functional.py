@@ -19,7 +19,7 @@ from .jagged import KeyedJagged
 from .reference import reference_pool, reference_update
 from .storage import dequantize_rows, storage_dtype
 
-__all__ = ["Layout", "lookup", "default_prefetch"]
+__all__ = ["Layout", "lookup", "default_prefetch", "KernelChooser", "torch_eligible"]
 
 
 def default_prefetch(row_bytes: int) -> int:
@@ -137,14 +137,110 @@ def _forward_reference(kj, layout, tables, tws):
     return out
 
 
+def torch_eligible(layout: Layout, tables: list[TableConfig], weighted: bool, train: bool) -> bool:
+    """Whether torch's own CPU kernels (FBGEMM's, behind ``F.embedding_bag`` and the quantized
+    byte op) can compute this batch exactly as ours do: fp32 rows (per-id weights with sum only,
+    no max when training: the fused backward needs our argmax), int8 rows with sum pooling and
+    dim % 4 == 0 (then our row layout is FBGEMM's fused 8-bit layout)."""
+    for t in set(int(x) for x in layout.feat_table):
+        cfg = tables[t]
+        if cfg.dtype == "fp32":
+            if (weighted and cfg.pooling != "sum") or (train and cfg.pooling == "max"):
+                return False
+        elif cfg.dtype == "int8":
+            if cfg.pooling != "sum" or cfg.dim % 4:
+                return False
+        else:
+            return False
+    return True
+
+
+def _forward_torch(values, offsets, weights, B, layout, tables, tws):
+    """Pooled output through torch's kernels, one call per feature (see :func:`torch_eligible`)."""
+    import torch.nn.functional as Fnn
+
+    vals, offs = torch.from_numpy(values), torch.from_numpy(offsets)
+    w_all = None if weights is None else torch.from_numpy(weights)
+    out = torch.empty(B, layout.width)
+    for f in range(len(layout.keys)):
+        t = int(layout.feat_table[f])
+        cfg = tables[t]
+        lo, hi = int(offsets[f * B]), int(offsets[(f + 1) * B])
+        bag_off = offs[f * B:(f + 1) * B] - lo
+        w = None if w_all is None else w_all[lo:hi]
+        if cfg.dtype == "int8":
+            r = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(tws[t], vals[lo:hi], bag_off, False, 0, False,
+                                                                       w, None, False)
+        else:
+            r = Fnn.embedding_bag(vals[lo:hi], tws[t], bag_off, mode=cfg.pooling, per_sample_weights=w)
+        col = int(layout.feat_col[f])
+        out[:, col:col + cfg.dim] = r
+    return out
+
+
+class KernelChooser:
+    """Picks the faster of our kernel and torch's for the batches a collection actually sees.
+
+    Which one wins depends on the ids, not only on shapes: on tables far larger than the cache
+    (uniform ids) our prefetching gather wins; when skewed ids keep the hot rows in cache, the
+    work is compute-bound and FBGEMM's generated code can win. The first ``trials`` calls of each
+    batch-size class alternate the two and time them; the faster by median is used for the next
+    ``recheck`` calls, then they are timed again. Nothing else changes: both give the same values.
+    """
+
+    def __init__(self, trials: int = 3, recheck: int = 500):
+        self.trials, self.recheck = trials, recheck
+        self._state: dict = {}
+
+    def choose(self, key) -> str:
+        st = self._state.setdefault(key, {"kernel": [], "torch": [], "calls": 0, "best": None})
+        if st["best"] is not None:
+            st["calls"] += 1
+            if st["calls"] <= self.recheck:
+                return st["best"]
+            st.update(kernel=[], torch=[], calls=0, best=None)
+        return "kernel" if len(st["kernel"]) <= len(st["torch"]) else "torch"
+
+    def record(self, key, which: str, seconds: float) -> None:
+        st = self._state[key]
+        if st["best"] is not None:
+            return
+        st[which].append(seconds)
+        if len(st["kernel"]) >= self.trials and len(st["torch"]) >= self.trials:
+            med = {k: sorted(st[k])[len(st[k]) // 2] for k in ("kernel", "torch")}
+            st["best"] = min(med, key=med.get)
+
+    def decisions(self) -> dict:
+        return {k: v["best"] for k, v in self._state.items()}
+
+
+def _forward_any(values, offsets, weights, B, layout, tables, tws, track, pf_dist, dedup, choice):
+    """Run the kernel ``choice`` says ("kernel", "torch", or a (KernelChooser, key) pair to decide)."""
+    import time
+
+    chooser = None
+    if isinstance(choice, tuple):
+        chooser, key = choice
+        choice = chooser.choose(key)
+    t0 = time.perf_counter()
+    if choice == "torch":
+        out, argmax = _forward_torch(values, offsets, weights, B, layout, tables, tws), np.empty((1, 1), np.int32)
+    else:
+        out, argmax = _forward_kernel(values, offsets, weights, B, layout, tables, tws, track, pf_dist, dedup)
+    if chooser is not None:
+        chooser.record(key, choice, time.perf_counter() - t0)
+    return out, argmax
+
+
 class _FusedLookup(torch.autograd.Function):
     """Forward: the pooled lookup. Backward: no gradient flows to the tables; instead the
     deduplicated row gradients are applied by the optimizer in place (FBGEMM TBE semantics)."""
 
     @staticmethod
-    def forward(ctx, anchor, state, values, offsets, weights, B, layout, pf_dist, dedup):
+    def forward(ctx, anchor, state, values, offsets, weights, B, layout, pf_dist, dedup, choice):
         tables, tws = state.tables, state.weights()
-        out, argmax = _forward_kernel(values, offsets, weights, B, layout, tables, tws, layout.has_max, pf_dist, dedup)
+        out, argmax = _forward_any(values, offsets, weights, B, layout, tables, tws, layout.has_max, pf_dist, dedup,
+                                   choice)
         ctx.args = (state, values, offsets, weights, B, layout, argmax)
         return out
 
@@ -152,17 +248,17 @@ class _FusedLookup(torch.autograd.Function):
     def backward(ctx, grad):
         state, values, offsets, weights, B, layout, argmax = ctx.args
         if grad is None:
-            return (None,) * 9
+            return (None,) * 10
         g = grad.detach().to(torch.float32).contiguous()
         if not bool(torch.isfinite(g).all()):
             raise ValueError("the gradient reaching the embedding tables holds NaN or Inf; "
                              "no table or optimizer state was changed")
         state.apply_gradient(values, offsets, weights, B, layout, g.numpy(), argmax)
-        return (None,) * 9
+        return (None,) * 10
 
 
 def lookup(kj: KeyedJagged, layout: Layout, state, *, train: bool, backend: str = "kernel",
-           pf_dist: int | None = None, dedup: bool = False) -> torch.Tensor:
+           pf_dist: int | None = None, dedup: bool = False, chooser: "KernelChooser | None" = None) -> torch.Tensor:
     """Pooled (B, C) output of every feature of ``kj``. ``state`` is the collection (tables,
     stored weights, optimizer, ``tab_base``/``total_rows`` for ``dedup``). With ``train`` the
     output carries a grad_fn whose backward runs the fused optimizer. ``dedup`` reads each distinct
@@ -174,14 +270,21 @@ def lookup(kj: KeyedJagged, layout: Layout, state, *, train: bool, backend: str 
         if train:
             raise ValueError("backend='reference' is inference only; the reference update is reference_update()")
         return _forward_reference(kj, layout, tables, state.weights())
-    if backend != "kernel":
-        raise ValueError(f"backend must be 'kernel' or 'reference', got {backend!r}")
+    if backend not in ("kernel", "torch", "auto"):
+        raise ValueError(f"backend must be 'auto', 'kernel', 'torch' or 'reference', got {backend!r}")
+    if backend != "kernel" and not dedup and torch_eligible(layout, tables, weights is not None, train):
+        choice = "torch" if backend == "torch" else (chooser or KernelChooser(), (train, values.size.bit_length()))
+    elif backend == "torch":
+        raise ValueError("backend='torch' needs fp32 tables (sum with per-id weights; no max when training) or "
+                         "int8 tables with sum pooling and dim % 4 == 0")
+    else:
+        choice = "kernel"
     if pf_dist is None:
         pf_dist = default_prefetch(max(t.row_bytes for t in tables))
     dd = (state.tab_base, state.total_rows) if dedup else None
     if train:
-        return _FusedLookup.apply(state.anchor, state, values, offsets, weights, B, layout, pf_dist, dd)
-    out, _ = _forward_kernel(values, offsets, weights, B, layout, tables, state.weights(), False, pf_dist, dd)
+        return _FusedLookup.apply(state.anchor, state, values, offsets, weights, B, layout, pf_dist, dd, choice)
+    out, _ = _forward_any(values, offsets, weights, B, layout, tables, state.weights(), False, pf_dist, dd, choice)
     return out
 
 
