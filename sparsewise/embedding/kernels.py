@@ -153,6 +153,35 @@ def _compiled():
                 for d in range(D):
                     o[d] += a * np.float32(q[d]) + c
 
+    @njit(inline="always")
+    def bag_slot(i, B, feat_table, feat_col, tab_dim, out, argmax, track):
+        # bag i = f*B + b -> (feature, table, its output slice, its argmax slice)
+        f = i // B
+        b = i - f * B
+        t = feat_table[f]
+        col = feat_col[f]
+        D = tab_dim[t]
+        return f, t, out[b, col:col + D], (argmax[b, col:col + D] if track else argmax[0, 0:0])
+
+    @njit(inline="always")
+    def start_bag(o, pool):
+        fill = -np.inf if pool == 2 else 0.0
+        for d in range(o.shape[0]):
+            o[d] = fill
+
+    @njit(inline="always")
+    def finish_bag(o, am, L, pool, track):
+        # an empty max bag is 0 (as nn.EmbeddingBag); mean divides by the bag's length
+        if L == 0 and pool == 2:
+            for d in range(o.shape[0]):
+                o[d] = 0.0
+                if track:
+                    am[d] = -1
+        elif L > 0 and pool == 1:
+            inv = np.float32(1.0) / np.float32(L)
+            for d in range(o.shape[0]):
+                o[d] *= inv
+
     # values (nnz,) int64, offsets (F*B+1,) int64, weights (nnz,) float32 (ignored unless has_w),
     # out (B, C) float32, argmax (B, C) int32 (written for max-pooled fp32 features if track)
     def pooled_forward(values, offsets, weights, has_w, B, feat_table, feat_col, feat_pool,
@@ -172,25 +201,15 @@ def _compiled():
             pbase = tab_addr[tp]
             pstride = tab_stride[tp]
             for i in range(i0, i1):
-                f = i // B
-                b = i - f * B
-                t = feat_table[f]
-                D = tab_dim[t]
-                col = feat_col[f]
+                f, t, o, am = bag_slot(i, B, feat_table, feat_col, tab_dim, out, argmax, track)
+                D = o.shape[0]
                 pool = feat_pool[f]
                 dt = tab_dtype[t]
                 base = tab_addr[t]
                 stride = tab_stride[t]
-                o = out[b, col:col + D]
-                am = argmax[b, col:col + D] if track else argmax[0, 0:0]
                 s = offsets[i]
                 e = offsets[i + 1]
-                if pool == 2:
-                    for d in range(D):
-                        o[d] = -np.inf
-                else:
-                    for d in range(D):
-                        o[d] = 0.0
+                start_bag(o, pool)
                 for j in range(s, e):
                     # keep the prefetch cursor pf_dist ids ahead, across bags and features
                     want = min(j + pf_dist, jend)
@@ -205,16 +224,7 @@ def _compiled():
                         pj += 1
                     w = weights[j] if has_w else np.float32(1.0)
                     pool_row(o, am, track and pool == 2, j, base + values[j] * stride, D, dt, pool, w)
-                if e == s:
-                    if pool == 2:
-                        for d in range(D):
-                            o[d] = 0.0
-                            if track:
-                                am[d] = -1
-                elif pool == 1:
-                    inv = np.float32(1.0) / np.float32(e - s)
-                    for d in range(D):
-                        o[d] *= inv
+                finish_bag(o, am, e - s, pool, track)
 
     # Deduplicating variant of pooled_forward (same arguments plus tab_base, total_rows): each
     # chunk of bags sorts its ids by global row, then reads every distinct row once, in address
@@ -234,12 +244,8 @@ def _compiled():
             key = np.empty(n, np.int64)
             bag = np.empty(n, np.int32)
             for i in range(i0, i1):
-                f = i // B
-                t = feat_table[f]
-                o = out[i - f * B, feat_col[f]:feat_col[f] + tab_dim[t]]
-                fill = -np.inf if feat_pool[f] == 2 else 0.0
-                for d in range(o.shape[0]):
-                    o[d] = fill
+                f, t, o, am = bag_slot(i, B, feat_table, feat_col, tab_dim, out, argmax, track)
+                start_bag(o, feat_pool[f])
                 base = tab_base[t]
                 for j in range(offsets[i], offsets[i + 1]):
                     key[j - s0] = base + values[j]
@@ -251,31 +257,14 @@ def _compiled():
                     tp = feat_table[bag[pos[qp] - s0] // B]
                     prefetch_row(tab_addr[tp] + values[pos[qp]] * tab_stride[tp], tab_stride[tp])
                 j = pos[q]
-                i = bag[j - s0]
-                f = i // B
-                b = i - f * B
-                t = feat_table[f]
-                D = tab_dim[t]
-                col = feat_col[f]
+                f, t, o, am = bag_slot(bag[j - s0], B, feat_table, feat_col, tab_dim, out, argmax, track)
                 pool = feat_pool[f]
-                o = out[b, col:col + D]
-                am = argmax[b, col:col + D] if track else argmax[0, 0:0]
                 w = weights[j] if has_w else np.float32(1.0)
-                pool_row(o, am, track and pool == 2, j, tab_addr[t] + values[j] * tab_stride[t], D, tab_dtype[t], pool, w)
+                pool_row(o, am, track and pool == 2, j, tab_addr[t] + values[j] * tab_stride[t], o.shape[0],
+                         tab_dtype[t], pool, w)
             for i in range(i0, i1):
-                f = i // B
-                D = tab_dim[feat_table[f]]
-                o = out[i - f * B, feat_col[f]:feat_col[f] + D]
-                L = offsets[i + 1] - offsets[i]
-                if L == 0 and feat_pool[f] == 2:
-                    for d in range(D):
-                        o[d] = 0.0
-                        if track:
-                            argmax[i - f * B, feat_col[f] + d] = -1
-                elif L > 0 and feat_pool[f] == 1:
-                    inv = np.float32(1.0) / np.float32(L)
-                    for d in range(D):
-                        o[d] *= inv
+                f, t, o, am = bag_slot(i, B, feat_table, feat_col, tab_dim, out, argmax, track)
+                finish_bag(o, am, offsets[i + 1] - offsets[i], feat_pool[f], track)
 
     # values (nnz,), offsets (F*B+1,), feat_rows (F,) rows of each feature's table.
     # Returns the first position j whose id is negative or >= its table's rows, or -1.

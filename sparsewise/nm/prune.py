@@ -338,8 +338,10 @@ def _prune_stack(model, found, batches, method, n, m, filter_fn, report, progres
     def grab(module, args, kwargs):
         # replays must not append to a KV cache created by the model's own forward
         kwargs = dict(kwargs)
-        for key in ("past_key_value", "past_key_values", "layer_past"):
-            if key in kwargs:
+        for key, value in kwargs.items():
+            # the cache's keyword changed across transformers versions (past_key_value(s),
+            # layer_past; `cache` in 5.x): drop any of them and any Cache object
+            if key in ("past_key_value", "past_key_values", "layer_past", "cache") or type(value).__name__.endswith("Cache"):
                 kwargs[key] = None
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
