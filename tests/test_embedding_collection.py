@@ -294,3 +294,18 @@ def test_kernel_chooser_alternates_then_keeps_the_faster():
     assert ch.decisions() == {"b": "kernel"}
     ch.choose("b")  # the 4th call after deciding starts timing both again
     assert ch.decisions() == {"b": None}
+
+
+@pytest.mark.parametrize("dim", [16, 48, 128, 160, 272])
+@pytest.mark.parametrize("pooling, weighted", [("sum", False), ("sum", True), ("mean", True)])
+def test_register_accumulated_fp32_path(dim, pooling, weighted):
+    # dims that are multiples of 16 take the vector-register bag loop (in blocks of up to 128)
+    rng = np.random.default_rng(dim)
+    cfgs = [TableConfig("a", 300, dim, ("x", "y"), pooling=pooling, init="normal"),
+            TableConfig("b", 20, 5, ("z",), init="normal")]  # and a generic-path table in the same call
+    ebc = EmbeddingBagCollection(cfgs, backend="kernel", prefetch=3).eval()
+    kj = _batch(rng, {"x": 300, "y": 300, "z": 20}, 13, max_len=9, weighted=weighted)
+    torch.testing.assert_close(ebc(kj).values, ebc(kj, backend="reference").values, rtol=1e-5, atol=1e-5)
+    for dtype in ("bf16", "fp16", "int8"):  # each storage type has its own register loop
+        q = ebc.quantize(dtype)
+        torch.testing.assert_close(q(kj).values, q(kj, backend="reference").values, rtol=1e-5, atol=1e-5)
