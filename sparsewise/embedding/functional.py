@@ -17,7 +17,7 @@ from . import kernels as K
 from .config import Adam, TableConfig
 from .jagged import KeyedJagged
 from .reference import reference_pool, reference_update
-from .storage import dequantize_rows, storage_dtype
+from .storage import alloc_rows, dequantize_rows, storage_dtype
 
 __all__ = ["Layout", "lookup", "default_prefetch", "KernelChooser", "torch_eligible"]
 
@@ -108,7 +108,10 @@ def table_arrays(tables: list[TableConfig], weights: list[torch.Tensor]):
 def _forward_kernel(values, offsets, weights, B, layout, tables, tws, track, pf_dist, dedup=None):
     """``dedup``: None, or (tab_base (T,), total_rows) to run the deduplicating (sorted) gather."""
     addr, stride, dim, code = table_arrays(tables, tws)
-    out = np.empty((B, layout.width), np.float32)
+    # a large output on huge pages: a fresh 32 MB buffer costs 8192 page faults on 4 KB pages
+    # (measured ~6 ms of a 54 ms lookup), 16 on 2 MB pages
+    out_t = alloc_rows(B, layout.width, "fp32")
+    out = out_t.numpy()
     argmax = np.empty((B, layout.width) if track else (1, 1), np.int32)
     w = weights if weights is not None else np.empty(0, np.float32)
     if offsets.size > 1 and B > 0:
@@ -119,7 +122,7 @@ def _forward_kernel(values, offsets, weights, B, layout, tables, tws, track, pf_
             K.pooled_forward(*args, moved_bytes=moved)
         else:
             K.pooled_forward_dedup(*args, dedup[0], dedup[1], moved_bytes=moved)
-    return torch.from_numpy(out), argmax
+    return out_t, argmax
 
 
 def _forward_reference(kj, layout, tables, tws):
