@@ -182,14 +182,16 @@ def embedding_section(ctx: ReportContext) -> Section:
         trn = training_rows()
     trn = [r for r in trn if r["optimizer"] == "RowwiseAdagrad"]
     ctx.data["embedding"] = fwd + trn
-    labels = [f"lookup {r['dtype']}\n{r['ids']} {r['variant']}" for r in fwd] + [f"train step\nvs {r['baseline'].split(' ')[0]}" for r in trn]
+    labels = [f"lookup {r['dtype']}\n{r['ids']}, {r['variant']}" for r in fwd] + \
+        [f"train step\nvs {'FBGEMM' if 'FBGEMM' in r['baseline'] else 'torch'}" for r in trn]
     ratios = [r["ratio"] for r in fwd + trn]
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     ax.bar(range(len(ratios)), ratios, color=["tab:red"] * len(fwd) + ["tab:orange"] * len(trn))
     ax.axhline(1.0, color="gray", lw=1)
-    ax.set_yscale("log")
+    for x, v in enumerate(ratios):
+        ax.annotate(f"{v:.2f}x", (x, v), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(ratios)), labels, fontsize=7)
-    ax.set_ylabel("speed vs torch (x, log scale)")
+    ax.set_ylabel("speed vs baseline (x)")
     ax.set_title("Embedding bags on this CPU (higher is better)")
     rows = [(f"lookup, {r['tables']} tables x {r['rows']:,} x {r['dim']}, batch {r['batch']} x {r['ids_per_bag']}",
              f"{r['ids']} ({r['variant']})", r["dtype"], f"{r['ratio']:.2f}x", f"{r['ms']:.1f} / {r['baseline_ms']:.1f}",
