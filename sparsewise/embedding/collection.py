@@ -23,7 +23,7 @@ import torch.nn as nn
 from .._util import atomic_path
 from . import kernels as K
 from .config import OPTIMIZERS, Adagrad, Adam, RowwiseAdagrad, SGD, TableConfig
-from .functional import KernelChooser, Layout, lookup, optimizer_hparams
+from .functional import KernelChooser, Layout, lookup, optimizer_hparams, table_arrays
 from .jagged import KeyedJagged
 from .storage import alloc_rows, dequantize_rows, quantize_rows
 
@@ -70,11 +70,12 @@ def _initialise(w: torch.Tensor, cfg: TableConfig) -> None:
     gen = torch.Generator().manual_seed(cfg.seed)
     chunk = max(1, (64 << 20) // (4 * cfg.dim))  # bounded fp32 temporaries for any table size
     if callable(cfg.init):
-        full = torch.empty(cfg.num_rows, cfg.dim)
+        full = w if cfg.dtype == "fp32" else torch.empty(cfg.num_rows, cfg.dim)  # fp32: fill in place
         cfg.init(full)
         if full.shape != (cfg.num_rows, cfg.dim) or full.dtype != torch.float32:
             raise ValueError(f"table {cfg.name!r}: init must fill the float32 tensor in place")
-        quantize_rows(full, cfg.dtype, out=w)
+        if full is not w:
+            quantize_rows(full, cfg.dtype, out=w)
         return
     for lo in range(0, cfg.num_rows, chunk):
         n = min(chunk, cfg.num_rows - lo)
@@ -195,22 +196,20 @@ class EmbeddingBagCollection(nn.Module):
         if values.size == 0:
             return
         opt = self.optimizer
-        self.step += 1
-        pos, seg, bag_of = K.sort_by_row(values, offsets, B, layout.feat_table, self.tab_base, self.total_rows)
-        ws = self.weights()
+        # the same checks the forward ran (tables still contiguous fp32 of their shapes), and the
+        # state tensors', before anything changes
+        addr, _, dims, _ = table_arrays(self.tables, self.weights())
+        names = [n for n, _ in opt.states]
         s1 = np.zeros(len(self.tables), np.int64)
         s2 = np.zeros(len(self.tables), np.int64)
         for t, cfg in enumerate(self.tables):
             mod = self.embedding_tables[cfg.name]
-            names = [n for n, _ in opt.states]
             if names:
                 s1[t] = _checked_state(mod, names[0], cfg).data_ptr()
             if len(names) > 1:
                 s2[t] = _checked_state(mod, names[1], cfg).data_ptr()
-            if ws[t].dtype != torch.float32 or not ws[t].is_contiguous() or tuple(ws[t].shape) != (cfg.num_rows, cfg.dim):
-                raise ValueError(f"table {cfg.name!r} is no longer a contiguous fp32 ({cfg.num_rows}, {cfg.dim}) tensor")
-        addr = np.array([w.data_ptr() for w in ws], np.int64)
-        dims = np.array([t.dim for t in self.tables], np.int64)
+        pos, seg, bag_of = K.sort_by_row(values, offsets, B, layout.feat_table, self.tab_base, self.total_rows)
+        self.step += 1
         w = weights if weights is not None else np.empty(0, np.float32)
         K.fused_update(values, offsets, w, weights is not None, B, layout.feat_table, layout.feat_col, layout.feat_pool,
                        pos, seg, bag_of, grad, argmax, addr, dims, s1, s2, np.int64(opt.kind),

@@ -31,6 +31,11 @@ def _positive_float(owner: str, field: str, value, *, allow_zero: bool = False) 
         raise ValueError(f"{owner}.{field} must be a finite number {want}, got {value!r}")
 
 
+def _check_lr_eps(opt) -> None:
+    _positive_float(type(opt).__name__, "lr", opt.lr)
+    _positive_float(type(opt).__name__, "eps", opt.eps, allow_zero=True)
+
+
 def row_bytes(dim: int, dtype: str) -> int:
     """Bytes of one stored row: int8 rows carry an fp32 scale and bias after the values
     (padded so that they are 4-byte aligned)."""
@@ -122,8 +127,7 @@ class Adagrad:
     states = (("sum", "elem"),)
 
     def __post_init__(self):
-        _positive_float(type(self).__name__, "lr", self.lr)
-        _positive_float(type(self).__name__, "eps", self.eps, allow_zero=True)
+        _check_lr_eps(self)
 
 
 @dataclass(frozen=True)
@@ -137,8 +141,7 @@ class RowwiseAdagrad:
     states = (("sum", "row"),)
 
     def __post_init__(self):
-        _positive_float(type(self).__name__, "lr", self.lr)
-        _positive_float(type(self).__name__, "eps", self.eps, allow_zero=True)
+        _check_lr_eps(self)
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,7 @@ class ClickData:
         idx = idx.to(torch.int64)
         vals, lens = {}, {}
         for f in self.features:
-            off = torch.zeros(self.lengths[f].numel() + 1, dtype=torch.int64)
-            torch.cumsum(self.lengths[f], 0, out=off[1:])
+            off = self._offsets(f)
             lens[f] = self.lengths[f][idx]
             starts = off[idx]
             pos = torch.repeat_interleave(starts - torch.cumsum(lens[f], 0) + lens[f], lens[f]) + torch.arange(int(lens[f].sum()))

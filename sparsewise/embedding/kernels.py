@@ -14,10 +14,11 @@ The callers (``functional.py``) check every id, offset, dtype and address before
 the kernels trust them. Pure-torch references of both kernels are in ``reference.py``.
 
 Why it is faster than nn.EmbeddingBag: the gather is bound by how many cache misses are in
-flight, not by bandwidth. The forward kernel walks the flat id stream of its chunk of bags and
-prefetches every cache line of the row ``pf_dist`` ids ahead (into L2), across bag and feature
-boundaries, so each core keeps many misses in flight; tables live on transparent huge pages
-(``storage.py``), which removes most TLB misses of a random gather.
+flight, not by bandwidth. Every gather prefetches the cache lines of the row ``pf_dist`` ids ahead
+(into L2) so each core keeps many misses in flight; sum and mean bags of dims that are multiples
+of 16 run a loop written in LLVM IR that keeps the bag's sums in vector registers (``make_bag``;
+other bags take the generic ``pool_row``, which also handles max); tables live on transparent
+huge pages (``storage.py``), which removes most TLB misses of a random gather.
 """
 from __future__ import annotations
 

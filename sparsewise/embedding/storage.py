@@ -64,15 +64,11 @@ def quantize_rows(w: torch.Tensor, dtype: str, *, out: torch.Tensor | None = Non
     n, d = w.shape
     if out is None:
         out = alloc_rows(n, d, dtype)
-    if dtype == "fp32":
-        out.copy_(w)
-    elif dtype == "bf16":
-        out.copy_(w)
-    elif dtype == "fp16":
-        big = float(w.abs().max()) if w.numel() else 0.0
+    if dtype in ("fp32", "bf16", "fp16"):
+        big = float(w.abs().max()) if dtype == "fp16" and w.numel() else 0.0
         if big > 65504.0:
             raise ValueError(f"a value of magnitude {big:.6g} does not fit fp16 (max 65504); use bf16 or int8")
-        out.copy_(w)
+        out.copy_(w)  # bf16 / fp16: round to nearest
     elif dtype == "int8":
         chunk = 1 << 16  # bounded temporaries for tables of any size
         pad = (d + 3) // 4 * 4
