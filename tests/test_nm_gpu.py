@@ -20,7 +20,7 @@ def test_sparse_linear_on_cuda_matches_dense(dtype, batch):
     with torch.no_grad():
         torch.testing.assert_close(sl(x), ref(x), rtol=2e-2, atol=2e-2)
     assert sl._gpu is not None
-    _, dense, sparse, min_batch, why = sl._gpu
+    _, dense, sparse, min_batch, why, _ = sl._gpu
     assert (sparse is not None) or why  # either it runs sparse or it says why not
     assert isinstance(min_batch, int) and min_batch >= 1
 
@@ -68,3 +68,51 @@ def test_sparsify_moves_layers_with_their_device():
     rep = sparsify_(model)
     assert rep.swapped == ["0", "2"]
     assert model[0].values.is_cuda and model[0].indices.is_cuda
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forced_sparse_path_matches_dense_for_3d_input(dtype):
+    torch.manual_seed(2)
+    lin = nn.Linear(512, 256).to(dtype)
+    sl = SparseLinear.from_dense(lin).cuda()
+    ref = sl.to_linear().cuda()
+    x = torch.randn(3, 5, 512, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        sl(x)  # builds the GPU state
+        if sl._gpu[2] is None:
+            pytest.skip(f"semi-structured sparsity unavailable here: {sl._gpu[4]}")
+        sl._gpu = sl._gpu[:3] + (1,) + sl._gpu[4:]  # take the sparse path at every batch
+        torch.testing.assert_close(sl(x), ref(x), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(sl(x[0, :1]), ref(x[0, :1]), rtol=2e-2, atol=2e-2)
+
+
+def test_backward_on_cuda_matches_dense_reference():
+    torch.manual_seed(3)
+    lin = nn.Linear(96, 40)
+    sl = SparseLinear.from_dense(lin).cuda()
+    ref = sl.to_linear().cuda()
+    mask = (sl.to_linear().weight != 0).cuda()
+    x = torch.randn(2, 7, 96, device="cuda", requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    sl(x).sin().sum().backward()
+    ref(x2).sin().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sl.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+    dense_grad = torch.zeros_like(ref.weight)
+    nm = sl.weight_nm
+    grad_nm = type(nm)(sl.values.grad, nm.indices, nm.n, nm.m, nm.shape).to_dense()
+    dense_grad[mask] = ref.weight.grad[mask]
+    torch.testing.assert_close(grad_nm, dense_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_inference_sees_in_place_weight_changes():
+    torch.manual_seed(4)
+    sl = SparseLinear.from_dense(nn.Linear(128, 64).half()).cuda()
+    x = torch.randn(4, 128, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        before = sl(x).clone()
+        sl.values.mul_(2)  # bumps the version: the cached dense/sparse copies must be rebuilt
+        after = sl(x)
+        torch.testing.assert_close(after - sl.bias, 2 * (before - sl.bias), rtol=2e-2, atol=2e-2)
+        with pytest.raises((TypeError, RuntimeError)):
+            sl(x.float())

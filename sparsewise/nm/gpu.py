@@ -15,7 +15,7 @@ from .._util import cached_measurement
 
 __all__ = ["semi_structured", "sparse_min_batch"]
 
-_PROBE_BATCHES = (1, 8, 32, 128, 512, 2048)
+_PROBE_BATCHES = (1, 8, 32, 128, 512, 2048, 8192)
 NEVER = 1 << 30
 
 
@@ -28,7 +28,10 @@ def semi_structured(dense: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     try:
         from torch.sparse import to_sparse_semi_structured
 
-        return to_sparse_semi_structured(dense), ""
+        sparse = to_sparse_semi_structured(dense)
+        # some backends only fail at the first product (CUTLASS kernels are built for sm_8x only)
+        torch.nn.functional.linear(torch.zeros(8, dense.shape[1], device=dense.device, dtype=dense.dtype), sparse)
+        return sparse, ""
     except (RuntimeError, ValueError, NotImplementedError) as exc:  # shape minimums, no cuSPARSELt, old GPU
         return None, str(exc).strip().splitlines()[0]
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .._util import cached_measurement, num_threads
 from .functional import _forward as _kernel_forward
 from .functional import nm_linear
+from .gpu import NEVER, semi_structured, sparse_min_batch
 from .mask import check_nm
 from .tensor import NMTensor
 
@@ -98,7 +99,7 @@ class SparseLinear(nn.Module):
         self._nm = nmt
         self._dense = None  # (dense weight, values._version it was built from)
         self._xover = None
-        self._gpu = None  # (values._version, dense, semi-structured or None, min batch, why not)
+        self._gpu = None  # (values._version, dense, semi-structured or None, min batch, why not, values)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, n: int = 2, m: int = 4, mask: torch.Tensor | None = None,
@@ -140,6 +141,14 @@ class SparseLinear(nn.Module):
         # (nn.Module.__getattr__ costs more than the small layers' own work).
         params = self._parameters
         v, bias = params["values"], params.get("bias")
+        g = self._gpu
+        if (g is not None and g[5] is v and g[0] == v._version and x.is_cuda and x.dtype is g[1].dtype
+                and not (torch.is_grad_enabled() and (v.requires_grad or x.requires_grad))):
+            # CUDA inference, GPU state already built: as little Python as nn.Linear's own call
+            sparse = g[2]
+            if sparse is not None and x.numel() >= g[3] * self.in_features:
+                return F.linear(x, sparse, bias)
+            return F.linear(x, g[1], bias)
         nm = self._nm
         if nm.values.data_ptr() != v.data_ptr() or nm.values.dtype != v.dtype:
             nm = self.weight_nm
@@ -167,15 +176,13 @@ class SparseLinear(nn.Module):
         return _kernel_forward(x, nm, bias, "auto")  # nm_linear's kernel path, minus its checks
 
     def _forward_cuda(self, x, nm, v, bias):
-        from .gpu import NEVER, semi_structured, sparse_min_batch
-
         g = self._gpu
-        if g is None or g[0] != v._version:
+        if g is None or g[0] != v._version or g[5] is not v:
             dense = nm.to_dense()
             sparse, why = semi_structured(dense) if (nm.n, nm.m) == (2, 4) else (None, "only 2:4 runs sparse on GPUs")
             min_batch = sparse_min_batch(dense, sparse) if sparse is not None else NEVER
-            g = self._gpu = (v._version, dense, sparse, min_batch, why)
-        _, dense, sparse, min_batch, _ = g
+            g = self._gpu = (v._version, dense, sparse, min_batch, why, v)
+        _, dense, sparse, min_batch, _, _ = g
         if sparse is not None and x.numel() // self.in_features >= min_batch:
             return F.linear(x, sparse, bias)
         return F.linear(x, dense, bias)
