@@ -81,9 +81,28 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=_positive_int, default=None)
     d.add_argument("--no-progress", action="store_true")
 
-    pn = sub.add_parser("prune", help="prune a model to N:M (issue 6)")
-    pn.add_argument("model")
-    pn.add_argument("rest", nargs=argparse.REMAINDER)
+    pn = sub.add_parser("prune", help="prune a causal LM to N:M, measure perplexity, save it packed")
+    pn.add_argument("model", help="a transformers model folder or a GGUF file")
+    pn.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt")
+    pn.add_argument("--pattern", default="2:4", help="N:M, 0 < N < M <= 16 (default 2:4)")
+    pn.add_argument("--calib", required=True, metavar="FILE",
+                    help="calibration text (plain, .bz2/.gz/.xz, or a MediaWiki XML dump)")
+    pn.add_argument("--eval", required=True, dest="eval_text", metavar="FILE", help="evaluation text (same formats)")
+    pn.add_argument("--out", required=True, metavar="DIR", help="folder for the packed model and quality table")
+    pn.add_argument("--finetune-minutes", type=float, default=0.0,
+                    help="masked fine-tuning with distillation after pruning, for at most this long (default 0: none)")
+    pn.add_argument("--train", metavar="FILE", help="fine-tuning text (default: the calibration text)")
+    pn.add_argument("--nsamples", type=_positive_int, default=64, help="calibration windows (default 64)")
+    pn.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per calibration window (default 256)")
+    pn.add_argument("--eval-tokens", type=_positive_int, default=16384, help="evaluation tokens (default 16384)")
+    pn.add_argument("--window", type=_positive_int, default=512, help="perplexity window (default 512)")
+    pn.add_argument("--stride", type=_positive_int, default=256, help="perplexity stride (default 256)")
+    pn.add_argument("--lr", type=float, default=5e-5, help="fine-tuning learning rate (default 5e-5)")
+    pn.add_argument("--distill", type=float, default=0.5, help="weight of the dense model's logits in fine-tuning")
+    pn.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    pn.add_argument("--seed", type=int, default=0)
+    pn.add_argument("--threads", type=_positive_int, default=None)
+    pn.add_argument("--no-progress", action="store_true")
     a = sub.add_parser("advise", help="project each technique on TPUs, GPUs and CPUs")
     a.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -183,6 +202,27 @@ def _cmd_train_dlrm(args) -> int:
     return 0
 
 
+def _cmd_prune(args) -> int:
+    from ._util import check_writable_dir, threads
+    from .nm.pipeline import PruneLMConfig, prune_lm
+
+    from pathlib import Path
+
+    check_writable_dir(Path(args.out).resolve().parent)
+    cfg = PruneLMConfig(method=args.method, pattern=args.pattern, nsamples=args.nsamples, seqlen=args.seqlen,
+                        eval_tokens=args.eval_tokens, window=args.window, stride=args.stride,
+                        finetune_minutes=args.finetune_minutes, finetune_lr=args.lr, distill_alpha=args.distill,
+                        dtype=args.dtype, seed=args.seed)
+    with threads(args.threads):
+        res = prune_lm(args.model, args.calib, args.eval_text, args.out, cfg, train=args.train,
+                       progress=not args.no_progress)
+    from .nm.pipeline import quality_markdown
+
+    print()
+    print(quality_markdown(res))
+    return 0
+
+
 def _cmd_not_built(args) -> int:
     raise NotImplementedError(f"'sparsewise {args.command}' is not built yet (see the README's status table)")
 
@@ -195,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         handler = {"report": _cmd_report, "probe": _cmd_probe, "bench": _cmd_bench, "train-dlrm": _cmd_train_dlrm,
-                   "prune": _cmd_not_built, "advise": _cmd_not_built}[args.command]
+                   "prune": _cmd_prune, "advise": _cmd_not_built}[args.command]
         return handler(args)
     except CliError as exc:
         print(f"sparsewise: error: {exc}", file=sys.stderr)

@@ -695,3 +695,27 @@ def test_mixed_submodule_modes_are_restored():
     modes = [mod.training for mod in model.modules()]
     prune_(model, "wanda", calibration=[torch.randn(4, 8)], progress=False)
     assert [mod.training for mod in model.modules()] == modes
+
+
+def test_layers_fed_the_same_tensor_share_one_hessian_and_it_is_exact():
+    from sparsewise.nm.prune import _gather
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(12, 8), nn.Linear(12, 8), nn.Linear(8, 12)
+
+        def forward(self, x):
+            return self.o(self.q(x) * self.k(x))
+
+    torch.manual_seed(0)
+    mod = Two()
+    xs = [torch.randn(1, 5, 12) for _ in range(3)]
+    layers = {"q": mod.q, "k": mod.k, "o": mod.o}
+    stats = _gather(layers, "sparsegpt", lambda: [mod(x) for x in xs])
+    flat = torch.cat([x.reshape(-1, 12) for x in xs]).double()
+    torch.testing.assert_close(stats["q"].h, flat.T @ flat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["k"].h, stats["q"].h, rtol=0, atol=0)
+    inner = torch.cat([(mod.q(x) * mod.k(x)).reshape(-1, 8) for x in xs]).double().detach()
+    torch.testing.assert_close(stats["o"].h, inner.T @ inner, rtol=1e-5, atol=1e-5)
+    assert stats["q"].rows == stats["o"].rows == 15

@@ -179,23 +179,37 @@ class _Stop(Exception):
 
 
 class _Stats:
-    """Accumulates what one method needs from a Linear layer's inputs."""
+    """Accumulates what one method needs from a Linear layer's inputs.
 
-    def __init__(self, layer: nn.Linear, method: str):
+    Layers fed the same tensor (q/k/v, gate/up) share one computation through ``memo``, which
+    holds that tensor (so its memory cannot be reused by another one while it is the key). Each
+    call's X^T X is a float32 product (a few hundred rows), summed over calls in float64.
+    """
+
+    def __init__(self, layer: nn.Linear, method: str, memo: dict | None = None):
         k = layer.in_features
         self.method, self.rows = method, 0
+        self.memo = {} if memo is None else memo
         self.sq = torch.zeros(k, dtype=torch.float64) if method == "wanda" else None
         self.h = torch.zeros(k, k, dtype=torch.float64) if method == "sparsegpt" else None
 
     def __call__(self, module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64).cpu()
-        if not torch.isfinite(x).all():
-            raise ValueError("calibration activations contain NaN/Inf: check the model and the calibration data")
-        self.rows += x.shape[0]
+        x, memo = args[0], self.memo
+        if memo.get("x") is x and memo.get("version") == x._version:
+            rows, sq, xtx = memo["value"]
+        else:
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).cpu()
+            if not torch.isfinite(x2).all():
+                raise ValueError("calibration activations contain NaN/Inf: check the model and the calibration data")
+            rows = x2.shape[0]
+            sq = (x2.to(torch.float64) ** 2).sum(0) if self.sq is not None else None
+            xtx = (x2.T @ x2).to(torch.float64) if self.h is not None else None
+            memo.update(x=x, version=x._version, value=(rows, sq, xtx))
+        self.rows += rows
         if self.sq is not None:
-            self.sq += (x * x).sum(0)
+            self.sq += sq
         if self.h is not None:
-            self.h += x.T @ x
+            self.h += xtx
 
 
 def _prune_layers(layers: dict[str, nn.Linear], stats: dict[str, _Stats] | None, method: str, n: int, m: int,
@@ -314,13 +328,15 @@ def _run(model: nn.Module, batches: list) -> None:
 
 def _gather(layers: dict[str, nn.Linear], method: str, run: Callable[[], Any]) -> dict[str, _Stats]:
     """Statistics of each layer's inputs while ``run()`` executes."""
-    stats = {name: _Stats(lin, method) for name, lin in layers.items()}
+    memo: dict = {}
+    stats = {name: _Stats(lin, method, memo) for name, lin in layers.items()}
     handles = [lin.register_forward_pre_hook(stats[name]) for name, lin in layers.items()]
     try:
         run()
     finally:
         for h in handles:
             h.remove()
+        memo.clear()
     return stats
 
 
