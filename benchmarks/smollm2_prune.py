@@ -113,7 +113,7 @@ def speed(args) -> dict:
         gs = generation_speed(s, prompt, 4)  # first calls measure crossovers, compile kernels
         gd = generation_speed(d, prompt, 4)
         r = compare(lambda: generation_speed(s, prompt, args.new_tokens),
-                    lambda: generation_speed(d, prompt, args.new_tokens), pairs=args.pairs, warmup=1, min_time=0)
+                    lambda: generation_speed(d, prompt, args.new_tokens), pairs=args.pairs, warmup=1, min_time=1e-3)
         gs = generation_speed(s, prompt, args.new_tokens)
         gd = generation_speed(d, prompt, args.new_tokens)
         row = {"dtype": dtype, "ratio": r.ratio, "ratio_min": r.ratio_min, "ratio_max": r.ratio_max,
