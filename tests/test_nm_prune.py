@@ -306,7 +306,7 @@ def test_stack_passes_keyword_arguments_and_prunes():
 
 def test_stack_block_i_is_calibrated_on_pruned_outputs():
     """Wanda masks equal those computed by hand from the inputs each block receives once the
-    blocks before it are pruned (siblings inside a block see the dense block)."""
+    blocks before it are pruned; inside a block, fc2 sees the output of the already-pruned fc1."""
     torch.manual_seed(0)
     model = KwStack(nblocks=3)
     dense = copy.deepcopy(model)
@@ -319,7 +319,7 @@ def test_stack_block_i_is_calibrated_on_pruned_outputs():
     with torch.no_grad():
         for i in range(3):
             blk, dblk = model.blocks[i], dense.blocks[i]
-            fc2_in = [torch.relu(dblk.fc1(h)) for h in hs]
+            fc2_in = [torch.relu(blk.fc1(h)) for h in hs]  # fc1 is pruned before fc2 is calibrated
             exp1 = hand_wanda_mask(dblk.fc1.weight, hs, 2, 4)
             exp2 = hand_wanda_mask(dblk.fc2.weight, fc2_in, 2, 4)
             assert torch.equal(blk.fc1.weight != 0, exp1), f"block {i} fc1"
@@ -467,12 +467,14 @@ def _llama_layer1_wanda_check(model):
     prune_(model, "wanda", calibration=calib, progress=False)
     names = [f"model.layers.1.{p}" for p in ("self_attn.q_proj", "mlp.gate_proj")]
     # layer 1's q_proj input depends only on pruned layer 0 (and norms), not on layer 1's Linears;
-    # gate_proj's input depends on layer 1's dense attention, so use the dense layer 1 for it
+    # gate_proj is calibrated after layer 1's attention was pruned (stages run in forward order),
+    # with its own MLP still dense
     seen_q = record_inputs(model, names[:1], lambda: [model(c, use_cache=False) for c in calib])
     exp_q = hand_wanda_mask(dense.get_submodule(names[0]).weight, seen_q[names[0]], 2, 4)
     assert torch.equal(model.get_submodule(names[0]).weight != 0, exp_q)
     hybrid = copy.deepcopy(dense)
     hybrid.model.layers[0].load_state_dict(model.model.layers[0].state_dict())
+    hybrid.model.layers[1].self_attn.load_state_dict(model.model.layers[1].self_attn.state_dict())
     seen_g = record_inputs(hybrid, names[1:], lambda: [hybrid(c, use_cache=False) for c in calib])
     exp_g = hand_wanda_mask(dense.get_submodule(names[1]).weight, seen_g[names[1]], 2, 4)
     assert torch.equal(model.get_submodule(names[1]).weight != 0, exp_g)
@@ -719,3 +721,25 @@ def test_layers_fed_the_same_tensor_share_one_hessian_and_it_is_exact():
     inner = torch.cat([(mod.q(x) * mod.k(x)).reshape(-1, 8) for x in xs]).double().detach()
     torch.testing.assert_close(stats["o"].h, inner.T @ inner, rtol=1e-5, atol=1e-5)
     assert stats["q"].rows == stats["o"].rows == 15
+
+
+def test_llama_block_stages_follow_the_forward_order():
+    from sparsewise.nm.prune import _linears, _stages, PruneReport
+
+    model = _tiny_llama()
+    block = model.model.layers[0]
+    captured = []
+
+    def grab(mod, args, kwargs):
+        captured.append((args, kwargs))
+
+    h = block.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(_llama_calib()[0], use_cache=False)
+    h.remove()
+    layers = _linears(block, "b", 2, 4, None, PruneReport("wanda", "2:4"))
+    with torch.no_grad():
+        groups, once = _stages(block, layers, captured[0])
+    short = [[k.split(".")[-1] for k in g] for g in groups]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert once

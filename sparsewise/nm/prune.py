@@ -340,6 +340,55 @@ def _gather(layers: dict[str, nn.Linear], method: str, run: Callable[[], Any]) -
     return stats
 
 
+def _stages(block: nn.Module, layers: dict[str, nn.Linear], sample: tuple) -> tuple[list[list[str]], bool]:
+    """The block's layers in the order one forward calls them, grouped: consecutive layers fed
+    the same tensor form one stage. Layers the forward never calls come last, as one stage (they
+    get no statistics and are reported as skipped). Also says whether every layer ran once."""
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = [lin.register_forward_pre_hook(lambda mod, args, k=k: order.append((k, args[0])))
+               for k, lin in layers.items()]
+    try:
+        args, kwargs = sample
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    last = None
+    for k, x in order:
+        if k in seen:
+            continue
+        seen.add(k)
+        if groups and x is last:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+        last = x
+    rest = [k for k in layers if k not in seen]
+    if rest:
+        groups.append(rest)
+    return groups, len(order) == len(seen) and not rest
+
+
+def _run_block(block: nn.Module, captured: list, stop_after: nn.Module | None) -> None:
+    """Run the block on every captured input; with ``stop_after``, end each pass once that
+    layer has run (the rest of the block cannot change its statistics)."""
+    def stop(module, args, out):
+        raise _Stop
+
+    h = stop_after.register_forward_hook(stop) if stop_after is not None else None
+    try:
+        for args, kwargs in captured:
+            try:
+                block(*args, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        if h is not None:
+            h.remove()
+
+
 def _prune_with_stats(model, layers, batches, method, n, m, report, backup):
     _prune_layers(layers, _gather(layers, method, lambda: _run(model, batches)), method, n, m, report, backup)
 
@@ -378,8 +427,14 @@ def _prune_stack(model, found, batches, method, n, m, filter_fn, report, progres
     for i, block in enumerate(tqdm(stack, desc=f"{report.method} {report.pattern}", unit="block", disable=not progress)):
         layers = _linears(block, f"{name}.{i}", n, m, filter_fn, report)
         if layers:
-            stats = _gather(layers, method, lambda: [block(*a, **kw) for a, kw in captured])
-            _prune_layers(layers, stats, method, n, m, report, backup)
+            # sequential inside the block too: each stage (layers fed the same tensor, e.g.
+            # q/k/v, then o, then gate/up, then down) is calibrated with the stages before it
+            # already pruned; a pass stops right after the stage's last layer has run
+            groups, once = _stages(block, layers, captured[0])
+            for group in groups:
+                sub = {k: layers[k] for k in group}
+                stats = _gather(sub, method, lambda: _run_block(block, captured, sub[group[-1]] if once else None))
+                _prune_layers(sub, stats, method, n, m, report, backup)
         nxt = []
         for args, kwargs in captured:
             out = block(*args, **kwargs)
