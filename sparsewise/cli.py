@@ -203,10 +203,10 @@ def _cmd_train_dlrm(args) -> int:
 
 
 def _cmd_prune(args) -> int:
-    from ._util import check_writable_dir, threads
-    from .nm.pipeline import PruneLMConfig, prune_lm
-
     from pathlib import Path
+
+    from ._util import check_writable_dir, threads
+    from .nm.pipeline import PruneLMConfig, prune_lm, quality_markdown
 
     check_writable_dir(Path(args.out).resolve().parent)
     cfg = PruneLMConfig(method=args.method, pattern=args.pattern, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -216,8 +216,6 @@ def _cmd_prune(args) -> int:
     with threads(args.threads):
         res = prune_lm(args.model, args.calib, args.eval_text, args.out, cfg, train=args.train,
                        progress=not args.no_progress)
-    from .nm.pipeline import quality_markdown
-
     print()
     print(quality_markdown(res))
     return 0

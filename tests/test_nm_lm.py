@@ -108,6 +108,17 @@ def test_calibration_windows():
         calibration_windows(ids, 0, 100)
 
 
+def test_prune_lm_config_refuses_bad_settings_before_any_work():
+    with pytest.raises(ValueError, match="lr"):
+        PruneLMConfig(finetune_minutes=1, finetune_lr=-1.0)
+    with pytest.raises(ValueError, match="distill_alpha"):
+        PruneLMConfig(finetune_minutes=1, distill_alpha=2.0)
+    with pytest.raises(ValueError, match="dtype"):
+        PruneLMConfig(dtype="int8")
+    with pytest.raises(ValueError, match="method"):
+        PruneLMConfig(method="random")
+
+
 def test_parse_pattern():
     assert parse_pattern("2:4") == (2, 4) and parse_pattern("4:8") == (4, 8)
     for bad in ("3:2", "2-4", "a:b", "0:4", "2:32"):

@@ -30,7 +30,7 @@ from .linear import NMConfig, SparseLinear, sparsify_
 from .mask import check_nm, is_nm
 
 __all__ = ["load_causal_lm", "read_text", "wiki_plaintext", "token_ids", "calibration_windows",
-           "save_pruned", "load_pruned", "generation_speed", "FORMAT", "FORMAT_VERSION"]
+           "check_out_dir", "save_pruned", "load_pruned", "generation_speed", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "sparsewise.pruned-lm"
 FORMAT_VERSION = 1
@@ -192,6 +192,15 @@ def _tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return tied
 
 
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """``out`` as a Path if a pruned model may be written there: it does not exist, is empty, or
+    holds an earlier pruned model (which is replaced). Anything else: ValueError, nothing touched."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise ValueError(f"{out}: exists and is not an earlier pruned-model folder; choose another --out")
+    return out
+
+
 def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, *, n: int = 2, m: int = 4,
                 info: dict | None = None) -> Path:
     """Write a pruned causal LM to folder ``out``: its N:M nn.Linear layers are packed (swapped
@@ -201,9 +210,7 @@ def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, *, n: int =
     from safetensors.torch import save_file
 
     n, m = check_nm(n, m)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise ValueError(f"{out}: exists and is not an earlier pruned-model folder; choose another --out")
+    out = check_out_dir(out)
     report = sparsify_(model, NMConfig(n=n, m=m),
                        filter_fn=lambda name, mod: is_nm(mod.weight.detach(), n, m))
     sparse = sorted(name for name, mod in model.named_modules() if isinstance(mod, SparseLinear))
@@ -294,9 +301,6 @@ def load_pruned(path: str | os.PathLike, dtype=None):
         mod_name, _, attr = k.rpartition(".")
         src_mod, _, src_attr = src.rpartition(".")
         setattr(model.get_submodule(mod_name), attr, getattr(model.get_submodule(src_mod), src_attr))
-    for sl in model.modules():
-        if isinstance(sl, SparseLinear):
-            sl.weight_nm  # noqa: B018 - validates the loaded indices against the pattern
     if dtype is not None:
         model.to(_dtype(dtype))
     model.eval()

@@ -17,7 +17,7 @@ import torch
 from .._util import atomic_write_json, atomic_write_text
 from .evaluate import perplexity
 from .finetune import FinetuneConfig, finetune_causal_lm
-from .lm import calibration_windows, load_causal_lm, load_pruned, read_text, save_pruned, token_ids
+from .lm import calibration_windows, check_out_dir, load_causal_lm, load_pruned, read_text, save_pruned, token_ids
 from .mask import check_nm
 from .prune import METHODS, prune_
 
@@ -53,13 +53,18 @@ class PruneLMConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        parse_pattern(self.pattern)
+        n, m = parse_pattern(self.pattern)
         for name in ("nsamples", "seqlen", "eval_tokens", "window", "stride", "finetune_batch"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not self.finetune_minutes >= 0:
             raise ValueError(f"finetune_minutes must be >= 0, got {self.finetune_minutes!r}")
+        if self.finetune_minutes > 0:  # the fine-tuning settings are checked before any pruning
+            FinetuneConfig(n=n, m=m, lr=self.finetune_lr, distill_alpha=self.distill_alpha,
+                           max_minutes=self.finetune_minutes)
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
 
 
 @dataclass
@@ -107,9 +112,7 @@ def prune_lm(model_path: str, calib: str, eval_text: str, out: str | None, confi
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{what} file {path}: no such file")
     if out is not None:
-        o = Path(out)
-        if o.exists() and (not o.is_dir() or (any(o.iterdir()) and not (o / "sparsewise.json").is_file())):
-            raise ValueError(f"{o}: exists and is not an earlier pruned-model folder; choose another --out")
+        check_out_dir(out)  # refused before minutes of work, not after
     t = time.perf_counter()
     model, tok = load_causal_lm(model_path, dtype=config.dtype)
     log(f"loaded {type(model).__name__} from {model_path} in {time.perf_counter() - t:.0f} s "
