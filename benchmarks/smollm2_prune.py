@@ -106,7 +106,10 @@ def speed(args) -> dict:
         raise SystemExit(f"run the quality part first: {folder} is missing")
     dense, tok = load_causal_lm(gguf)
     prompt = token_ids(tok, read_text(wiki), max_tokens=32)
-    out = {"prompt_tokens": int(prompt.numel()), "new_tokens": args.new_tokens, "rows": []}
+    from sparsewise.advisor.probe import cached_probe
+
+    out = {"prompt_tokens": int(prompt.numel()), "new_tokens": args.new_tokens, "rows": [],
+           "machine": cached_probe()["machine"]}
     for dtype in ("fp32", "bf16"):
         d = dense.to(torch.float32 if dtype == "fp32" else torch.bfloat16)
         s, _ = load_pruned(folder, dtype=dtype)
