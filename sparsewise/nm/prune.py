@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from .mask import check_nm, nm_mask
 
-__all__ = ["prune_", "PruneReport", "METHODS", "sparsegpt_prune_weight", "wanda_scores", "skip_lm_head"]
+__all__ = ["prune_", "PruneReport", "METHODS", "sparsegpt_prune_weight", "wanda_scores", "skip_lm_head",
+           "skip_head_and_routers"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -34,17 +35,32 @@ class PruneReport:
     pattern: str
     pruned: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    # experts of a stack that received no calibration token: pruned by magnitude instead
+    magnitude_fallback: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{self.method} {self.pattern}: pruned {len(self.pruned)} layer(s), skipped {len(self.skipped)}"]
         lines += [f"  skipped {k}: {v}" for k, v in self.skipped.items()]
+        if self.magnitude_fallback:
+            lines.append(f"  no calibration tokens, pruned by magnitude: {', '.join(self.magnitude_fallback)}")
         return "\n".join(lines)
 
 
 def skip_lm_head(name: str, module: nn.Module) -> bool:
-    """The default filter: prune every Linear except a language model's output head (``lm_head``),
-    which the published methods leave dense (it maps to the vocabulary and is very sensitive)."""
+    """Prune every Linear except a language model's output head (``lm_head``), which the
+    published methods leave dense (it maps to the vocabulary and is very sensitive)."""
     return name.rsplit(".", 1)[-1] != "lm_head"
+
+
+_GATES = ("lm_head", "gate", "router", "shared_expert_gate", "shared_gate")
+
+
+def skip_head_and_routers(name: str, module: nn.Module) -> bool:
+    """The default filter: like :func:`skip_lm_head`, and also keeps MoE routing layers dense
+    (``gate``/``router`` Linears that score experts, ``shared_expert_gate``): they are tiny, and
+    zeroing half their inputs changes which experts every token reaches. Expert weights and a
+    LLaMA-style ``gate_proj`` are pruned."""
+    return name.rsplit(".", 1)[-1] not in _GATES
 
 
 # ---------------------------------------------------------------- per-layer algorithms
@@ -167,7 +183,8 @@ def _find_blocks(model: nn.Module, batch) -> tuple[str, nn.ModuleList] | None:
     """The longest nn.ModuleList of Linear-holding blocks that runs as a sequential layer stack."""
     candidates = [(name, sub) for name, sub in model.named_modules()
                   if isinstance(sub, nn.ModuleList) and len(sub) > 1
-                  and all(any(isinstance(x, nn.Linear) for x in blk.modules()) for blk in sub)]
+                  and all(any(isinstance(x, nn.Linear) or _expert_stack(x) is not None for x in blk.modules())
+                          for blk in sub)]
     for name, sub in sorted(candidates, key=lambda c: -len(c[1])):
         if _is_sequential(model, sub, batch):
             return name, sub
@@ -223,28 +240,173 @@ def _prune_layers(layers: dict[str, nn.Linear], stats: dict[str, _Stats] | None,
             if st.rows == 0:
                 report.skipped[name] = "received no calibration input (not on the forward path)"
                 continue
-            if method == "wanda":
-                new = w * nm_mask(wanda_scores(w, st.sq), n, m).to(w.dtype)
-            else:
-                new = sparsegpt_prune_weight(w.cpu(), 2.0 * st.h / st.rows, n, m).to(w.device)
+            new = _pruned(w, method, st.sq, st.h, st.rows, n, m)
         if backup is not None:
-            backup.setdefault(lin, w.detach().clone())
+            backup.setdefault(lin.weight, w.detach().clone())
         with torch.no_grad():
             lin.weight.copy_(new)
         report.pruned.append(name)
 
 
+def _pruned(w: torch.Tensor, method: str, sq, h, rows: int, n: int, m: int) -> torch.Tensor:
+    if method == "magnitude":
+        return w * nm_mask(w.abs().to(torch.float32), n, m).to(w.dtype)
+    if method == "wanda":
+        return w * nm_mask(wanda_scores(w, sq), n, m).to(w.dtype)
+    return sparsegpt_prune_weight(w.cpu(), 2.0 * h / rows, n, m).to(w.device)
+
+
+# ---------------------------------------------------------------- stacked experts
+
+class _ExpertStack:
+    """Experts kept as stacked 3-D weights (``gate_up`` (E, R, D), ``down`` (E, D, H)): each
+    expert's two matrices are pruned on their own, calibrated on the tokens routed to that expert
+    (the ``down`` matrix on the activations those tokens produce). Two layouts: sparsewise's
+    :class:`~sparsewise.moe.Experts` (called with ``(x, plan)``) and transformers' (>= 5) stacked
+    experts (``gate_up_proj``/``down_proj``, called with ``(hidden_states, top_k_index, ...)``).
+    """
+
+    def __init__(self, module: nn.Module, params: tuple[str, str], transposed: bool, act, routes):
+        self.module, self.params, self.transposed = module, params, transposed
+        self.act, self.routes = act, routes
+
+    @property
+    def num_experts(self) -> int:
+        return getattr(self.module, self.params[0]).shape[0]
+
+    def param(self, part: str) -> torch.Tensor:
+        return getattr(self.module, self.params[0] if part == "gate_up" else self.params[1])
+
+    def weight(self, part: str, e: int) -> torch.Tensor:
+        """Expert ``e``'s matrix as (out_features, in_features) (a view of the parameter)."""
+        w = self.param(part).data[e]
+        return w.T if self.transposed else w
+
+    def in_features(self, part: str) -> int:
+        return self.weight(part, 0).shape[1]
+
+
+def _expert_stack(sub: nn.Module) -> _ExpertStack | str | None:
+    """The adapter for a module that holds stacked experts, a reason string when it holds them in
+    a form this cannot prune, None when it holds none."""
+    from ..moe.experts import Experts
+    from ..moe.kernels import activate
+
+    if isinstance(sub, Experts):
+        if sub.packed is not None:
+            return f"already packed {sub.weights_format}"
+
+        def routes(args, kwargs):
+            x = args[0] if args else kwargs["x"]
+            plan = args[1] if len(args) > 1 else kwargs["plan"]
+            off = plan.offsets.tolist()
+            return x, [(e, plan.token_index[off[e]:off[e + 1]]) for e in range(plan.num_experts) if off[e + 1] > off[e]]
+
+        return _ExpertStack(sub, ("gate_up", "down"), False, lambda h: activate(h, sub.activation), routes)
+    gu, dn = getattr(sub, "gate_up_proj", None), getattr(sub, "down_proj", None)
+    if not (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3 and dn.dim() == 3):
+        return None
+    if getattr(sub, "has_bias", False):
+        return "experts with biases are not supported"
+    act_fn = getattr(sub, "act_fn", None)
+    if act_fn is None:
+        return "no act_fn: cannot compute the down projection's inputs"
+    interleaved = getattr(sub, "is_concatenated", True) is False
+
+    def act(h):
+        g, u = (h[..., 0::2], h[..., 1::2]) if interleaved else h.chunk(2, dim=-1)
+        return act_fn(g) * u
+
+    def routes(args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        top = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        top = top.reshape(x.reshape(-1, x.shape[-1]).shape[0], -1)
+        # an index of E or more marks an assignment that was dropped
+        return x, [(e, idx) for e in range(gu.shape[0])
+                   if (idx := (top == e).any(-1).nonzero().squeeze(1)).numel()]
+
+    return _ExpertStack(sub, ("gate_up_proj", "down_proj"), bool(getattr(sub, "is_transposed", False)), act, routes)
+
+
+def _expert_stacks(module: nn.Module, prefix: str, n: int, m: int, filter_fn, report: PruneReport,
+                   exclude: set[int] = frozenset()) -> dict[str, _ExpertStack]:
+    out = {}
+    for name, sub in module.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        if id(sub) in exclude:
+            continue
+        st = _expert_stack(sub)
+        if st is None:
+            continue
+        if isinstance(st, str):
+            report.skipped[full] = st
+        elif filter_fn is not None and not filter_fn(full, sub):
+            report.skipped[full] = "excluded by filter_fn"
+        elif any(st.in_features(part) % m for part in ("gate_up", "down")):
+            report.skipped[full] = (f"expert in_features ({st.in_features('gate_up')}, {st.in_features('down')}) "
+                                    f"not divisible by m={m}")
+        else:
+            out[full] = st
+    return out
+
+
+class _ExpertStats:
+    """Per-expert input statistics of one matrix of a stack (experts that get rows only)."""
+
+    def __init__(self, stack: _ExpertStack, part: str, method: str):
+        self.stack, self.part, self.method = stack, part, method
+        self.rows: dict[int, int] = {}
+        self.acc: dict[int, torch.Tensor] = {}
+
+    def __call__(self, module, args, kwargs):
+        x, groups = self.stack.routes(args, kwargs)
+        x = x.detach().reshape(-1, x.shape[-1])
+        for e, idx in groups:
+            xe = x.index_select(0, idx.to(x.device)).to(torch.float32).cpu()
+            if self.part == "down":  # what this expert's down matrix receives, with gate_up as it is now
+                xe = self.stack.act(xe @ self.stack.weight("gate_up", e).to(torch.float32).cpu().T)
+            if not torch.isfinite(xe).all():
+                raise ValueError("calibration activations contain NaN/Inf: check the model and the calibration data")
+            v = (xe.to(torch.float64) ** 2).sum(0) if self.method == "wanda" else (xe.T @ xe).to(torch.float64)
+            self.acc[e] = self.acc[e] + v if e in self.acc else v
+            self.rows[e] = self.rows.get(e, 0) + xe.shape[0]
+
+
+def _prune_experts(name: str, stack: _ExpertStack, part: str, stats: _ExpertStats | None, method: str,
+                   n: int, m: int, report: PruneReport, backup: dict | None) -> None:
+    param = stack.param(part)
+    if backup is not None:
+        backup.setdefault(param, param.detach().clone())
+    label = f"{name}.{stack.params[0 if part == 'gate_up' else 1]}"
+    for e in range(stack.num_experts):
+        w = stack.weight(part, e)
+        rows = 0 if stats is None else stats.rows.get(e, 0)
+        if method != "magnitude" and rows == 0:
+            report.magnitude_fallback.append(f"{label}[{e}]")
+            new = _pruned(w, "magnitude", None, None, 0, n, m)
+        else:
+            acc = None if stats is None else stats.acc[e]
+            new = _pruned(w, method, acc, acc, rows, n, m)
+        with torch.no_grad():
+            w.copy_(new)
+    report.pruned.append(f"{label} ({stack.num_experts} experts)")
+
+
 @torch.no_grad()
 def prune_(model: nn.Module, method: str = "magnitude", n: int = 2, m: int = 4,
            calibration: Iterable | None = None,
-           filter_fn: Callable[[str, nn.Module], bool] | None = skip_lm_head,
+           filter_fn: Callable[[str, nn.Module], bool] | None = skip_head_and_routers,
            progress: bool = True) -> PruneReport:
-    """Prune every nn.Linear of ``model`` in place to N:M (zeros in the weight).
+    """Prune every nn.Linear of ``model`` in place to N:M (zeros in the weight), and every stack of
+    experts kept as 3-D weights (sparsewise's ``Experts``, transformers' Mixtral/Qwen2-MoE experts):
+    each expert's matrices on their own, calibrated on the tokens the router sends to that expert
+    (an expert no calibration token reaches is pruned by magnitude and listed in the report).
 
     ``calibration``: an iterable of model inputs (a LongTensor (1, T) of token ids for a causal
     LM; a tensor, tuple or dict of whatever ``model`` takes otherwise); needed by "wanda" and
     "sparsegpt". ``filter_fn(name, module)`` returns False for layers to keep dense (default:
-    :func:`skip_lm_head`; pass ``None`` to prune every Linear).
+    :func:`skip_head_and_routers`: the LM head and MoE routing gates stay dense; pass ``None`` to
+    prune every Linear).
 
     >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     >>> print(prune_(model, "magnitude", progress=False))
@@ -258,9 +420,13 @@ def prune_(model: nn.Module, method: str = "magnitude", n: int = 2, m: int = 4,
     report = PruneReport(method, f"{n}:{m}")
     if method == "magnitude":
         layers = _linears(model, "", n, m, filter_fn, report)
-        if not layers:
-            raise ValueError("the model has no prunable nn.Linear layer" + _why(report))
+        stacks = _expert_stacks(model, "", n, m, filter_fn, report)
+        if not layers and not stacks:
+            raise ValueError("the model has no prunable nn.Linear layer or expert stack" + _why(report))
         _prune_layers(layers, None, method, n, m, report)
+        for name, st in stacks.items():
+            for part in ("gate_up", "down"):
+                _prune_experts(name, st, part, None, method, n, m, report, None)
         return report
     if calibration is None:
         raise ValueError(f"method {method!r} needs calibration data (an iterable of model inputs)")
@@ -268,34 +434,39 @@ def prune_(model: nn.Module, method: str = "magnitude", n: int = 2, m: int = 4,
     if not batches:
         raise ValueError("calibration is empty")
     modes = {mod: mod.training for mod in model.modules()}
-    backup: dict[nn.Linear, torch.Tensor] = {}
+    backup: dict[torch.Tensor, torch.Tensor] = {}
     model.eval()
     try:
         _check_calibration(model, batches)  # bad data is refused before any weight changes
         found = _find_blocks(model, batches[0])
+        whole = [_as_call(b) for b in batches]
         if found is None:  # no layer stack: the whole model is one block
-            layers = _linears(model, "", n, m, filter_fn, report)
-            if layers:
-                _prune_with_stats(model, layers, batches, method, n, m, report, backup)
+            _prune_block(model, "", whole, method, n, m, filter_fn, report, backup)
         else:
             _prune_stack(model, found, batches, method, n, m, filter_fn, report, progress, backup)
-            # linears outside the stack (embeddings' heads, routers...) are pruned as one last block
-            inside = {id(x) for x in found[1].modules()}
-            rest = {k: v for k, v in _linears(model, "", n, m, filter_fn, report).items()
-                    if id(v) not in inside}
-            if rest:
-                _prune_with_stats(model, rest, batches, method, n, m, report, backup)
+            # layers outside the stack (embeddings' heads, routers...) are pruned as one last block
+            _prune_block(model, "", whole, method, n, m, filter_fn, report, backup,
+                         exclude={id(x) for x in found[1].modules()})
     except BaseException:
         with torch.no_grad():  # a failure part-way loses nothing: put every weight back
-            for lin, w in backup.items():
-                lin.weight.copy_(w)
+            for param, w in backup.items():
+                param.copy_(w)
         raise
     finally:
         for mod, mode in modes.items():
             mod.training = mode
     if not report.pruned:
-        raise ValueError("the model has no prunable nn.Linear layer" + _why(report))
+        raise ValueError("the model has no prunable nn.Linear layer or expert stack" + _why(report))
     return report
+
+
+def _as_call(batch) -> tuple[tuple, dict]:
+    """A calibration batch as the (args, kwargs) of a model call (see :func:`_call`)."""
+    if isinstance(batch, dict):
+        return (), batch
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
 
 
 def _check_calibration(model: nn.Module, batches: list) -> None:
@@ -340,27 +511,35 @@ def _gather(layers: dict[str, nn.Linear], method: str, run: Callable[[], Any]) -
     return stats
 
 
-def _stages(block: nn.Module, layers: dict[str, nn.Linear], sample: tuple) -> tuple[list[list[str]], bool]:
+def _stages(block: nn.Module, layers: dict[str, nn.Linear], sample: tuple,
+            stacks: dict[str, _ExpertStack] | None = None) -> tuple[list[list], bool]:
     """The block's layers in the order one forward calls them, grouped: consecutive layers fed
-    the same tensor form one stage. Layers the forward never calls come last, as one stage (they
-    get no statistics and are reported as skipped). Also says whether every layer ran once."""
-    order: list[tuple[str, torch.Tensor]] = []
+    the same tensor form one stage; an expert stack gives two stages, ``[(name, "gate_up")]`` then
+    ``[(name, "down")]``. Layers the forward never calls come last, as one stage (they get no
+    statistics and are reported as skipped). Also says whether every layer ran once."""
+    stacks = stacks or {}
+    order: list[tuple[str, Any]] = []
     handles = [lin.register_forward_pre_hook(lambda mod, args, k=k: order.append((k, args[0])))
                for k, lin in layers.items()]
+    handles += [st.module.register_forward_pre_hook(lambda mod, args, k=k: order.append((k, None)))
+                for k, st in stacks.items()]
     try:
         args, kwargs = sample
         block(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    groups: list[list[str]] = []
+    groups: list[list] = []
     seen: set[str] = set()
     last = None
     for k, x in order:
         if k in seen:
             continue
         seen.add(k)
-        if groups and x is last:
+        if k in stacks:
+            groups += [[(k, "gate_up")], [(k, "down")]]
+            x = None
+        elif groups and x is last and isinstance(groups[-1][0], str):
             groups[-1].append(k)
         else:
             groups.append([k])
@@ -368,7 +547,8 @@ def _stages(block: nn.Module, layers: dict[str, nn.Linear], sample: tuple) -> tu
     rest = [k for k in layers if k not in seen]
     if rest:
         groups.append(rest)
-    return groups, len(order) == len(seen) and not rest
+    missed = [k for k in stacks if k not in seen]
+    return groups, len(order) == len(seen) and not rest and not missed
 
 
 def _run_block(block: nn.Module, captured: list, stop_after: nn.Module | None) -> None:
@@ -389,8 +569,33 @@ def _run_block(block: nn.Module, captured: list, stop_after: nn.Module | None) -
             h.remove()
 
 
-def _prune_with_stats(model, layers, batches, method, n, m, report, backup):
-    _prune_layers(layers, _gather(layers, method, lambda: _run(model, batches)), method, n, m, report, backup)
+def _prune_block(block: nn.Module, prefix: str, captured: list, method: str, n: int, m: int, filter_fn,
+                 report: PruneReport, backup: dict, exclude: set[int] = frozenset()) -> None:
+    """Prune the Linears and expert stacks of ``block`` (not those in ``exclude``), calibrated on
+    the block's ``captured`` (args, kwargs) calls, stage by stage: each stage (layers fed the same
+    tensor, e.g. q/k/v, then o, then gate/up, then down; an expert stack's gate_up, then its down)
+    is calibrated with the stages before it already pruned; a pass stops right after the stage's
+    last layer has run."""
+    layers = {k: v for k, v in _linears(block, prefix, n, m, filter_fn, report).items() if id(v) not in exclude}
+    stacks = _expert_stacks(block, prefix, n, m, filter_fn, report, exclude)
+    if not layers and not stacks:
+        return
+    groups, once = _stages(block, layers, captured[0], stacks)
+    for group in groups:
+        if isinstance(group[0], tuple):
+            name, part = group[0]
+            st = stacks[name]
+            stats = _ExpertStats(st, part, method)
+            h = st.module.register_forward_pre_hook(stats, with_kwargs=True)
+            try:
+                _run_block(block, captured, st.module if once else None)
+            finally:
+                h.remove()
+            _prune_experts(name, st, part, stats, method, n, m, report, backup)
+        else:
+            sub = {k: layers[k] for k in group}
+            stats = _gather(sub, method, lambda: _run_block(block, captured, sub[group[-1]] if once else None))
+            _prune_layers(sub, stats, method, n, m, report, backup)
 
 
 def _prune_stack(model, found, batches, method, n, m, filter_fn, report, progress, backup):
@@ -425,16 +630,7 @@ def _prune_stack(model, found, batches, method, n, m, filter_fn, report, progres
     # 2. block by block: gather statistics on the current inputs, prune, then replay the pruned
     #    block to produce the inputs of the next one
     for i, block in enumerate(tqdm(stack, desc=f"{report.method} {report.pattern}", unit="block", disable=not progress)):
-        layers = _linears(block, f"{name}.{i}", n, m, filter_fn, report)
-        if layers:
-            # sequential inside the block too: each stage (layers fed the same tensor, e.g.
-            # q/k/v, then o, then gate/up, then down) is calibrated with the stages before it
-            # already pruned; a pass stops right after the stage's last layer has run
-            groups, once = _stages(block, layers, captured[0])
-            for group in groups:
-                sub = {k: layers[k] for k in group}
-                stats = _gather(sub, method, lambda: _run_block(block, captured, sub[group[-1]] if once else None))
-                _prune_layers(sub, stats, method, n, m, report, backup)
+        _prune_block(block, f"{name}.{i}", captured, method, n, m, filter_fn, report, backup)
         nxt = []
         for args, kwargs in captured:
             out = block(*args, **kwargs)
