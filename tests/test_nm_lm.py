@@ -173,7 +173,14 @@ def test_load_pruned_refuses_damaged_folders(tiny_lm, tmp_path):
     weights.write_bytes(raw[: len(raw) // 3])
     with pytest.raises(ValueError, match="truncated or corrupted"):
         load_pruned(out)
+    # one flipped bit in the tensor data (header intact): caught by the manifest's checksum
+    flipped = bytearray(raw)
+    flipped[len(raw) - 100] ^= 0x04
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum"):
+        load_pruned(out)
     weights.write_bytes(raw)
+    assert load_pruned(out)[0] is not None
     man = json.loads((out / "sparsewise.json").read_text())
     (out / "sparsewise.json").write_text(json.dumps({**man, "version": 99}))
     with pytest.raises(ValueError, match="version"):

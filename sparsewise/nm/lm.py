@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import html
 import json
 import lzma
@@ -237,6 +238,7 @@ def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, *, n: int =
         dtypes = {str(v.dtype).replace("torch.", "") for v in tensors.values() if v.is_floating_point()}
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "n": n, "m": m, "sparse_layers": sparse,
                     "kept_dense": sorted(report.skipped), "tied": tied, "dtypes": sorted(dtypes),
+                    "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS)},
                     "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "info": info or {}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
         old = None
@@ -252,10 +254,19 @@ def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, *, n: int =
     return out
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load_pruned(path: str | os.PathLike, dtype=None):
     """(model, tokenizer) from a folder written by :func:`save_pruned`; the packed layers are
     SparseLinear. ``dtype`` ("fp32", "bf16", "fp16" or None to keep the stored one) converts the
-    whole model after loading. Missing, foreign, truncated or corrupted files: ValueError."""
+    whole model after loading. Missing, foreign, truncated or corrupted files (the weights' SHA-256
+    is kept in the manifest and checked): ValueError."""
     _offline()
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -273,6 +284,9 @@ def load_pruned(path: str | os.PathLike, dtype=None):
         raise ValueError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("version") != FORMAT_VERSION:
         raise ValueError(f"{mpath}: format version {manifest.get('version')!r}; this sparsewise reads {FORMAT_VERSION}")
+    want = (manifest.get("sha256") or {}).get(WEIGHTS)  # folders written before the checksum have none
+    if want is not None and (p / WEIGHTS).is_file() and _sha256(p / WEIGHTS) != want:
+        raise ValueError(f"{p / WEIGHTS}: checksum does not match {MANIFEST} (truncated or corrupted?)")
     try:
         state = load_file(str(p / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as exc:
