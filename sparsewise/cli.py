@@ -29,6 +29,10 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see '{self.prog} --help')")
 
 
+def _count_or_all(text: str) -> int | None:
+    return None if text == "all" else _positive_int(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -92,7 +96,10 @@ def _build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--finetune-minutes", type=float, default=0.0,
                     help="masked fine-tuning with distillation after pruning, for at most this long (default 0: none)")
     pn.add_argument("--train", metavar="FILE", help="fine-tuning text (default: the calibration text)")
-    pn.add_argument("--nsamples", type=_positive_int, default=64, help="calibration windows (default 64)")
+    pn.add_argument("--nsamples", type=_count_or_all, default=None, metavar="N|all",
+                    help="calibration windows of --seqlen tokens (default all: every window of the calibration "
+                         "text; on SmolLM2-135M, 295 windows gave 4.84x dense perplexity against 5.15x for a "
+                         "random 64, at 4.5x the pruning time)")
     pn.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per calibration window (default 256)")
     pn.add_argument("--eval-tokens", type=_positive_int, default=16384, help="evaluation tokens (default 16384)")
     pn.add_argument("--window", type=_positive_int, default=512, help="perplexity window (default 512)")

@@ -102,8 +102,12 @@ def test_calibration_windows():
     assert all(s % 100 == 0 for s in starts) and len(set(starts)) == 8  # distinct, non-overlapping
     assert [x.tolist() for x in w] == [x.tolist() for x in calibration_windows(ids, 8, 100, seed=3)]
     assert len(calibration_windows(ids, 30, 100)) == 30  # more windows than slots: random starts
+    every = calibration_windows(torch.arange(1050), None, 100)  # None: the whole text, in order
+    assert [int(x[0, 0]) for x in every] == list(range(0, 1000, 100))
     with pytest.raises(ValueError, match="fewer than one window"):
         calibration_windows(torch.arange(50), 1, 100)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        calibration_windows(torch.arange(50), None, 100)
     with pytest.raises(ValueError):
         calibration_windows(ids, 0, 100)
 

@@ -164,17 +164,20 @@ def token_ids(tokenizer, text: str, *, max_tokens: int | None = None) -> torch.T
     return ids[:max_tokens] if max_tokens is not None else ids
 
 
-def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, *, seed: int = 0) -> list[torch.Tensor]:
+def calibration_windows(ids: torch.Tensor, nsamples: int | None, seqlen: int, *, seed: int = 0) -> list[torch.Tensor]:
     """``nsamples`` windows of ``seqlen`` tokens, each (1, seqlen), at random starts (seeded), as
-    SparseGPT and Wanda calibrate. Non-overlapping when the text is long enough."""
-    if nsamples < 1 or seqlen < 2:
-        raise ValueError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    SparseGPT and Wanda calibrate. Non-overlapping when the text is long enough.
+    ``nsamples=None``: every non-overlapping window of the text, in order (the whole text)."""
+    if (nsamples is not None and nsamples < 1) or seqlen < 2:
+        raise ValueError(f"need nsamples >= 1 (or None for all) and seqlen >= 2, got {nsamples} and {seqlen}")
     ids = ids.reshape(-1)
     if ids.numel() < seqlen:
         raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     gen = torch.Generator().manual_seed(seed)
     slots = ids.numel() // seqlen
-    if slots >= nsamples:  # distinct non-overlapping windows
+    if nsamples is None:
+        starts = [i * seqlen for i in range(slots)]
+    elif slots >= nsamples:  # distinct non-overlapping windows
         starts = (torch.randperm(slots, generator=gen)[:nsamples] * seqlen).tolist()
     else:
         starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen).tolist()

@@ -38,7 +38,7 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
 class PruneLMConfig:
     method: str = "sparsegpt"
     pattern: str = "2:4"
-    nsamples: int = 64  # calibration windows
+    nsamples: int | None = None  # calibration windows; None: every window of the calibration text
     seqlen: int = 256  # tokens per calibration / training window
     eval_tokens: int = 16384
     window: int = 512  # perplexity window and stride
@@ -56,6 +56,8 @@ class PruneLMConfig:
         n, m = parse_pattern(self.pattern)
         for name in ("nsamples", "seqlen", "eval_tokens", "window", "stride", "finetune_batch"):
             v = getattr(self, name)
+            if name == "nsamples" and v is None:
+                continue
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not self.finetune_minutes >= 0:
@@ -93,7 +95,7 @@ class PruneLMResult:
 def quality_markdown(res: PruneLMResult) -> str:
     lines = [f"# {Path(res.model).name}: {res.method} {res.pattern}", "",
              f"Perplexity over {res.eval_tokens:,} evaluation tokens (window {res.config.get('window')}, "
-             f"stride {res.config.get('stride')}); calibration: {res.config.get('nsamples')} windows of "
+             f"stride {res.config.get('stride')}); calibration: {res.config.get('calibration_windows')} windows of "
              f"{res.config.get('seqlen')} tokens.", "",
              "| stage | perplexity | x dense | seconds | note |", "|---|---:|---:|---:|---|"]
     for r in res.rows:
@@ -123,7 +125,7 @@ def prune_lm(model_path: str, calib: str, eval_text: str, out: str | None, confi
     cal_ids = token_ids(tok, read_text(calib))
     windows = calibration_windows(cal_ids, config.nsamples, config.seqlen, seed=config.seed)
     res = PruneLMResult(model=str(model_path), method=config.method, pattern=f"{n}:{m}", eval_tokens=int(ev.numel()),
-                        calib_tokens=int(cal_ids.numel()), config=asdict(config))
+                        calib_tokens=int(cal_ids.numel()), config={**asdict(config), "calibration_windows": len(windows)})
 
     def ppl() -> float:
         return perplexity(model, ev, window=config.window, stride=config.stride, progress=progress)
