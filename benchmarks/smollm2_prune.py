@@ -156,7 +156,7 @@ def markdown(q: dict | None, s: dict | None) -> str:
 STUDY = ((64, 256), (32, 2048), (None, 256))  # (windows, tokens); None: every window of the file
 
 
-def calibration_study(args) -> list[dict]:
+def calibration_study() -> list[dict]:
     """One-shot SparseGPT 2:4 perplexity against the amount and length of calibration text."""
     gguf, calib, wiki = _paths()
     model, tok = load_causal_lm(gguf)
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     path = RESULTS / "smollm2.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
     if args.calib_study:
-        rows = calibration_study(args)
+        rows = calibration_study()
         atomic_write_json(RESULTS / "smollm2_calibration.json", {"rows": rows})
         atomic_write_text(RESULTS / "smollm2_calibration.md", study_markdown(rows))
         print(study_markdown(rows))

@@ -155,6 +155,26 @@ def test_packed_experts_are_skipped_with_reason_and_bad_input_refused():
     assert all(torch.equal(a, b) for a, b in zip(moe3.state_dict().values(), before.state_dict().values()))
 
 
+class WithIdleMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.idle = MoE(16, 8, 3, 1)  # never called by forward
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_expert_stack_off_the_forward_path_is_skipped_with_reason():
+    torch.manual_seed(5)
+    model = WithIdleMoE()
+    before = model.idle.experts.gate_up.detach().clone()
+    report = prune_(model, "sparsegpt", calibration=[torch.randn(6, 16)], progress=False)
+    assert report.pruned == ["lin"]
+    assert "not on the forward path" in report.skipped["idle.experts"]
+    assert torch.equal(model.idle.experts.gate_up, before)
+
+
 def test_default_filter_keeps_routing_gates_dense():
     assert skip_head_and_routers("model.layers.0.mlp.gate", nn.Linear(8, 4)) is False
     assert skip_head_and_routers("model.layers.0.mlp.shared_expert_gate", nn.Linear(8, 1)) is False

@@ -120,11 +120,8 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, n: int, 
 # ---------------------------------------------------------------- model-level driver
 
 def _call(model: nn.Module, batch: Any):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+    args, kwargs = _as_call(batch)
+    return model(*args, **kwargs)
 
 
 def _linears(module: nn.Module, prefix: str, n: int, m: int, filter_fn, report: PruneReport) -> dict[str, nn.Linear]:
@@ -233,14 +230,11 @@ def _prune_layers(layers: dict[str, nn.Linear], stats: dict[str, _Stats] | None,
                   report: PruneReport, backup: dict | None = None) -> None:
     for name, lin in layers.items():
         w = lin.weight.data
-        if method == "magnitude":
-            new = w * nm_mask(w.abs().to(torch.float32), n, m).to(w.dtype)
-        else:
-            st = stats[name]
-            if st.rows == 0:
-                report.skipped[name] = "received no calibration input (not on the forward path)"
-                continue
-            new = _pruned(w, method, st.sq, st.h, st.rows, n, m)
+        st = stats[name] if stats is not None else None
+        if st is not None and st.rows == 0:
+            report.skipped[name] = _OFF_PATH
+            continue
+        new = _pruned(w, method, *((st.sq, st.h, st.rows) if st is not None else (None, None, None)), n, m)
         if backup is not None:
             backup.setdefault(lin.weight, w.detach().clone())
         with torch.no_grad():
@@ -248,7 +242,10 @@ def _prune_layers(layers: dict[str, nn.Linear], stats: dict[str, _Stats] | None,
         report.pruned.append(name)
 
 
-def _pruned(w: torch.Tensor, method: str, sq, h, rows: int, n: int, m: int) -> torch.Tensor:
+_OFF_PATH = "received no calibration input (not on the forward path)"
+
+
+def _pruned(w: torch.Tensor, method: str, sq, h, rows: int | None, n: int, m: int) -> torch.Tensor:
     if method == "magnitude":
         return w * nm_mask(w.abs().to(torch.float32), n, m).to(w.dtype)
     if method == "wanda":
@@ -374,6 +371,9 @@ class _ExpertStats:
 
 def _prune_experts(name: str, stack: _ExpertStack, part: str, stats: _ExpertStats | None, method: str,
                    n: int, m: int, report: PruneReport, backup: dict | None) -> None:
+    if stats is not None and not stats.rows:  # the forward never called these experts
+        report.skipped[name] = _OFF_PATH
+        return
     param = stack.param(part)
     if backup is not None:
         backup.setdefault(param, param.detach().clone())
@@ -515,7 +515,7 @@ def _stages(block: nn.Module, layers: dict[str, nn.Linear], sample: tuple,
             stacks: dict[str, _ExpertStack] | None = None) -> tuple[list[list], bool]:
     """The block's layers in the order one forward calls them, grouped: consecutive layers fed
     the same tensor form one stage; an expert stack gives two stages, ``[(name, "gate_up")]`` then
-    ``[(name, "down")]``. Layers the forward never calls come last, as one stage (they get no
+    ``[(name, "down")]``. Layers and stacks the forward never calls come last (they get no
     statistics and are reported as skipped). Also says whether every layer ran once."""
     stacks = stacks or {}
     order: list[tuple[str, Any]] = []
@@ -548,6 +548,8 @@ def _stages(block: nn.Module, layers: dict[str, nn.Linear], sample: tuple,
     if rest:
         groups.append(rest)
     missed = [k for k in stacks if k not in seen]
+    for k in missed:  # no statistics: reported as skipped
+        groups += [[(k, "gate_up")], [(k, "down")]]
     return groups, len(order) == len(seen) and not rest and not missed
 
 
