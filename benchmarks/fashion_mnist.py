@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsewise._util import atomic_write_json, atomic_write_text
+from sparsewise.advisor.probe import cached_probe
 from sparsewise.bench import compare
 from sparsewise.data import load_fashion_mnist
 from sparsewise.nm import is_nm, prune_, sparsify_
@@ -101,7 +102,7 @@ def main():
     doc = {"model": "MLP 784-1024-512-10 (ReLU), Adam 1e-3, 4 epochs, batch 128", "seed": SEED, "rows": rows,
            "target": "within 1 point of dense (the better of the two dense rows)", "gap_points": dense_acc - best,
            "met": dense_acc - best <= 1.0,
-           "batch1_latency": lat.to_dict()}
+           "batch1_latency": lat.to_dict(), "machine": cached_probe()}
     out = Path(__file__).parent / "results"
     atomic_write_json(out / "fashion_mnist.json", doc)
     md = ["| model | test accuracy (%) |", "|---|---:|"] + [f"| {k} | {v['test_acc']:.2f} |" for k, v in rows.items()]
