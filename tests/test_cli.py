@@ -38,7 +38,7 @@ def test_probe_json(tmp_path):
     out = _run("probe", "--quick", "--json", str(tmp_path / "p.json"))
     assert out.returncode == 0, out.stderr
     doc = json.loads((tmp_path / "p.json").read_text())
-    assert doc["schema"] == "sparsewise.probe/1"
+    assert doc["schema"] == "sparsewise.probe/2"
     assert "memory read" in out.stdout
 
 
@@ -50,5 +50,5 @@ def test_report_writes_self_contained_html(tmp_path):
     assert "This machine" in html and "Three kinds of zeros" in html and "Embedding bags" in html
     assert "Mixture-of-Experts" in html
     assert "src=\"http" not in html
-    assert json.loads((tmp_path / "rep" / "report.json").read_text())["probe"]["schema"] == "sparsewise.probe/1"
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["probe"]["schema"] == "sparsewise.probe/2"
     assert "report written to" in out.stdout

@@ -123,6 +123,12 @@ def test_bench_rows_tiny(monkeypatch):
     assert len(rows) == 12 and all(r["ratio"] > 0 and r["gbs"] > 0 for r in rows)
     assert {r["variant"] for r in rows} == {"kernel", "auto", "dedup"}
     assert {r["auto_picked"] for r in rows if r["variant"] == "auto"} <= {"kernel", "torch"}
+    for r in rows:  # % of the gather limit (timed alongside) only where it means something
+        if r["ids"] == "uniform" and r["variant"] == "kernel":
+            assert r["pct_gather_limit"] > 0 and r["gather_limit_gbs"] > 0
+        else:
+            assert r["pct_gather_limit"] is None
+        assert r["gather_limit_probe"]["row_bytes"] == r["row_bytes"]
     trn = bench.training_rows(N=5000, D=16, B=64, L=4, pairs=1)
     assert {r["optimizer"] for r in trn} == {"RowwiseAdagrad", "Adagrad"}
     dl = bench.dlrm_rows(batch_size=64, pairs=1)

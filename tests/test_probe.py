@@ -31,6 +31,10 @@ def test_plausible_ranges(doc):
         assert 1e5 < g["rows_per_s"] < 1e10
         # a random gather cannot beat streaming by much
         assert g["gbs"] < 3 * bw["read_gbs_all"]
+        pf = g["prefetched"]
+        assert pf["row_bytes"] == int(key[3:]) and pf["table_bytes"] >= 4 * (doc["machine"]["llc_bytes"] or 32 << 20)
+        assert pf["prefetch_ids"] in P.PREFETCH_DISTS and pf["gbs"] == max(pf["gbs_by_prefetch"].values())
+        assert pf["gbs"] < 3 * bw["read_gbs_all"]
     assert doc["gemm"]["fp32_gflops"] > 1 and doc["gemm"]["bf16_gflops"] > 0.1
     assert 0.1 < doc["gemv"]["fp32_gbs"] < 2000
 
@@ -56,3 +60,23 @@ def test_damaged_cache_is_measured_again(tmp_path, monkeypatch):
     P.cached_probe()
     assert len(calls) == 1
     assert json.loads((tmp_path / "probe.json").read_text())["schema"] == P.PROBE_SCHEMA
+
+
+def test_gather_limit_reads_the_rows_it_is_given():
+    import torch
+
+    t = torch.ones(4096, 34, dtype=torch.float32)  # 136 B rows, as int8 rows of dim 128
+    r = P.gather_limit(t, 1 << 14, repeats=1, dists=(0, 8))
+    assert r["row_bytes"] == 136 and r["table_bytes"] == 4096 * 136
+    assert set(r["gbs_by_prefetch"]) == {0, 8} and r["gbs"] > 0
+    assert r["rows_per_s"] == pytest.approx(r["gbs"] * 1e9 / 136)
+    u8 = torch.zeros(100, 136, dtype=torch.uint8)  # any dtype: the row's raw bytes
+    assert P.gather_limit(u8, 1000, repeats=1, dists=(0,))["row_bytes"] == 136
+
+
+@pytest.mark.parametrize("bad", [lambda t: t.t(), lambda t: t[:, :3].contiguous(), lambda t: t.view(-1), lambda t: t[:0]])
+def test_gather_limit_refuses_tables_it_cannot_read(bad):
+    import torch
+
+    with pytest.raises(ValueError):
+        P.gather_limit(bad(torch.ones(64, 16, dtype=torch.uint8)), 100, repeats=1)

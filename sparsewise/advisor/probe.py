@@ -21,9 +21,10 @@ import numpy as np
 from .._util import atomic_write_json, cache_dir, num_threads, threads as _threads
 from ..bench import timeit
 
-__all__ = ["probe", "machine_info", "cached_probe", "format_probe", "PROBE_SCHEMA", "FLAGS_OF_INTEREST"]
+__all__ = ["probe", "machine_info", "cached_probe", "format_probe", "gather_limit", "gather_reader", "PROBE_SCHEMA", "FLAGS_OF_INTEREST",
+           "PREFETCH_DISTS"]
 
-PROBE_SCHEMA = "sparsewise.probe/1"
+PROBE_SCHEMA = "sparsewise.probe/2"  # /2: prefetched gather limits on huge pages
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
                      "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 _MB = 1 << 20
@@ -136,13 +137,96 @@ def _kernels():
             part[c] = acc.sum()
         return part.sum()
 
-    return stream_sum, gather_sum
+    from .._intrinsics import prefetch_l2 as _pf
+
+    prefetch_l2 = _pf()
+
+    @numba.njit(parallel=True, fastmath=True, nogil=True)
+    def gather_words(rows, ids, chunks, dist):
+        # rows: (R, W) uint32 words (a table's raw rows: any dtype, any row layout), ids: (K,) int64
+        # in [0, R) -> int: every word of one random row per id, with a software prefetch of the
+        # row ``dist`` ids ahead (0: none), as the embedding kernels gather
+        k = ids.shape[0]
+        w = rows.shape[1]
+        base = rows.ctypes.data
+        stride = w * 4
+        step = (k + chunks - 1) // chunks
+        part = np.zeros(chunks, np.uint32)
+        for c in numba.prange(chunks):
+            lo = c * step
+            hi = min(k, lo + step)
+            acc = np.uint32(0)
+            for i in range(lo, hi):
+                if dist > 0 and i + dist < hi:
+                    a = base + ids[i + dist] * stride
+                    last = (a + stride - 1) & ~np.int64(63)
+                    a &= ~np.int64(63)
+                    while a <= last:
+                        prefetch_l2(a)
+                        a += 64
+                row = ids[i]
+                for j in range(w):
+                    acc ^= rows[row, j]
+            part[c] = acc
+        out = np.uint32(0)
+        for c in range(chunks):
+            out ^= part[c]
+        return out
+
+    return stream_sum, gather_sum, gather_words
+
+
+PREFETCH_DISTS = (0, 8, 16, 32, 64)  # ids ahead tried by gather_limit (0: no software prefetch)
+
+
+def gather_limit(rows, n_ids: int = 1 << 20, *, threads: int | None = None, repeats: int = 3,
+                 dists=PREFETCH_DISTS, seed: int = 0) -> dict:
+    """The fastest random row gather this machine sustains on ``rows``, a (R, row_bytes) table
+    in its own memory (pass a table's real storage: its page size and row size are part of the
+    limit). Reads every byte of ``n_ids`` uniformly random rows, ``threads`` threads, with
+    software prefetch ``d`` ids ahead for each d in ``dists``; returns the best (rows/s, GB/s,
+    the distance) and every distance's GB/s. A kernel gathering the same rows cannot beat it by
+    more than noise; the probe's plain ``gather_sum`` figures are what unprefetched code gets.
+    ``row_bytes`` must be a multiple of 4."""
+    read, row_bytes, nrows = gather_reader(rows)
+    ids = np.random.default_rng(seed).integers(0, nrows, n_ids, dtype=np.int64)
+    nthreads = num_threads(threads)
+    by_dist = {}
+    with _threads(nthreads):
+        for d in dists:
+            tm = timeit(lambda: read(ids, d), repeats=repeats, warmup=1, min_time=0.0)
+            by_dist[int(d)] = n_ids * row_bytes / tm["min_s"] / 1e9
+    best = max(by_dist, key=by_dist.get)
+    return {"gbs": by_dist[best], "rows_per_s": by_dist[best] * 1e9 / row_bytes, "prefetch_ids": best,
+            "row_bytes": int(row_bytes), "table_bytes": int(nrows * row_bytes), "gbs_by_prefetch": by_dist}
+
+
+def gather_reader(rows) -> tuple[Callable[[np.ndarray, int], int], int, int]:
+    """``(read, row_bytes, num_rows)`` for a contiguous 2-D table: ``read(ids, dist)`` reads every
+    byte of the rows ``ids`` (int64 numpy, trusted to be in range) on the current thread count,
+    prefetching ``dist`` ids ahead: the kernel of :func:`gather_limit`, for benchmarks that time
+    the limit interleaved with their own kernels (the machine's memory speed drifts over minutes)."""
+    import torch
+
+    t = torch.as_tensor(rows)
+    if t.dim() != 2 or not t.is_contiguous():
+        raise ValueError(f"rows must be a contiguous 2-D table, got shape {tuple(t.shape)}")
+    row_bytes = t.shape[1] * t.element_size()
+    if row_bytes % 4 or t.shape[0] == 0:
+        raise ValueError(f"rows must be non-empty with a multiple of 4 bytes per row, got {row_bytes}")
+    words = t.view(torch.uint8).view(torch.int32).numpy().view(np.uint32)
+    _, _, gather_words = _kernels()
+
+    def read(ids: np.ndarray, dist: int) -> int:
+        return int(gather_words(words, ids, 16 * num_threads(None), int(dist)))
+
+    return read, int(row_bytes), int(t.shape[0])
 
 
 # ---------------------------------------------------------------- measurements
 
 def _read_bandwidth(nbytes: int, threads: int, repeats: int) -> float:
-    stream_sum, _ = _kernels()
+    stream_sum, _, _ = _kernels()
     a = np.ones((nbytes // 256, 64), np.float32)  # written, so every page is real memory
     chunks = 64 * max(1, threads)
     with _threads(threads):
@@ -151,7 +235,7 @@ def _read_bandwidth(nbytes: int, threads: int, repeats: int) -> float:
 
 
 def _gather_rate(row_bytes: int, table_bytes: int, n_ids: int, threads: int, repeats: int) -> dict:
-    _, gather_sum = _kernels()
+    _, gather_sum, _ = _kernels()
     d = row_bytes // 4
     rows = table_bytes // row_bytes
     rng = np.random.default_rng(0)
@@ -187,7 +271,7 @@ def _gemv_gbs(dtype, out_f: int, in_f: int, repeats: int) -> float:
 
 def probe(*, quick: bool = False, threads: int | None = None,
           progress: Callable[[str], None] | None = None) -> dict:
-    """Measure this machine and return a JSON-able dict (schema ``sparsewise.probe/1``).
+    """Measure this machine and return a JSON-able dict (schema ``sparsewise.probe/2``).
 
     ``quick`` uses fewer repeats (same sizes: a smaller table would fit in cache and lie).
 
@@ -214,6 +298,14 @@ def probe(*, quick: bool = False, threads: int | None = None,
         step("random row gathers")
         g64 = _gather_rate(64, table_bytes, 1 << 22, nthreads, repeats)
         g512 = _gather_rate(512, table_bytes, 1 << 20, nthreads, repeats)
+        # the limit a prefetching kernel reaches: huge-page tables, software prefetch ahead
+        from ..embedding.storage import alloc_rows
+
+        for g, rb, n_ids in ((g64, 64, 1 << 22), (g512, 512, 1 << 20)):
+            table = alloc_rows(table_bytes // rb, rb // 4, "fp32")
+            table.fill_(1.0)  # real pages
+            g["prefetched"] = gather_limit(table, n_ids, threads=nthreads, repeats=repeats)
+            del table
         step("dense GEMM")
         gemm = {"fp32_gflops": _gemm_gflops(torch.float32, 2048, repeats),
                 "bf16_gflops": _gemm_gflops(torch.bfloat16, 2048, repeats), "n": 2048}
@@ -279,6 +371,10 @@ def format_probe(doc: dict) -> str:
          f"{doc['gather']['row64']['rows_per_s'] / 1e6:.0f} M rows/s ({doc['gather']['row64']['gbs']:.1f} GB/s)"),
         ("random gather, 512 B rows",
          f"{doc['gather']['row512']['rows_per_s'] / 1e6:.0f} M rows/s ({doc['gather']['row512']['gbs']:.1f} GB/s)"),
+        *[(f"random gather, {rb} B rows, prefetched, huge pages",
+           f"{g['rows_per_s'] / 1e6:.0f} M rows/s ({g['gbs']:.1f} GB/s, {g['prefetch_ids']} ids ahead)")
+          for rb, g in ((64, doc["gather"]["row64"].get("prefetched")), (512, doc["gather"]["row512"].get("prefetched")))
+          if g],
         ("GEMM fp32 / bf16 (torch)", f"{doc['gemm']['fp32_gflops']:.0f} / {doc['gemm']['bf16_gflops']:.0f} GFLOP/s"),
         ("GEMV fp32 / bf16 (torch)", f"{doc['gemv']['fp32_gbs']:.1f} / {doc['gemv']['bf16_gbs']:.1f} GB/s"),
     ]
