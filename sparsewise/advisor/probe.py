@@ -21,8 +21,8 @@ import numpy as np
 from .._util import atomic_write_json, cache_dir, num_threads, threads as _threads
 from ..bench import timeit
 
-__all__ = ["probe", "machine_info", "cached_probe", "format_probe", "gather_limit", "gather_reader", "PROBE_SCHEMA", "FLAGS_OF_INTEREST",
-           "PREFETCH_DISTS"]
+__all__ = ["probe", "machine_info", "cached_probe", "format_probe", "gather_limit", "gather_reader", "PROBE_SCHEMA",
+           "FLAGS_OF_INTEREST", "PREFETCH_DISTS"]
 
 PROBE_SCHEMA = "sparsewise.probe/2"  # /2: prefetched gather limits on huge pages
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
@@ -186,7 +186,8 @@ def gather_limit(rows, n_ids: int = 1 << 20, *, threads: int | None = None, repe
     limit). Reads every byte of ``n_ids`` uniformly random rows, ``threads`` threads, with
     software prefetch ``d`` ids ahead for each d in ``dists``; returns the best (rows/s, GB/s,
     the distance) and every distance's GB/s. A kernel gathering the same rows cannot beat it by
-    more than noise; the probe's plain ``gather_sum`` figures are what unprefetched code gets.
+    more than noise (uniform ids; skewed ids hit in cache); the probe's plain ``gather_sum``
+    figures are what unprefetched code gets.
     ``row_bytes`` must be a multiple of 4."""
     read, row_bytes, nrows = gather_reader(rows)
     ids = np.random.default_rng(seed).integers(0, nrows, n_ids, dtype=np.int64)
