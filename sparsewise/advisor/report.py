@@ -39,14 +39,15 @@ class Section:
 STATUS = [
     ("Foundation: package, CLI, machine probe, paired benchmark harness, this report", "works"),
     ("N:M (2:4) weights: masks, packed format, CPU kernels, SparseLinear (sparsewise.nm)",
-     "works on CPU; bf16 at batch 8-32 below target; CUDA path not yet run on a GPU"),
+     "works on CPU; bf16 at batch 8-32 below target; CUDA path tested on an H100"),
     ("Pruning and recovery: magnitude, Wanda, SparseGPT, masked / SR-STE fine-tuning (sparsewise.nm)",
-     "works; prune CLI and LM perplexity evidence not built yet"),
+     "works, with the sparsewise prune CLI; one-shot SparseGPT 2:4 on SmolLM2-135M at 4.84x dense perplexity, "
+     "Fashion-MNIST within 0.3 points of dense after fine-tuning"),
     ("Embedding engine: jagged lookups, quantized rows, fused optimizer, DLRM (sparsewise.embedding)",
-     "works on CPU; lookups 1.4x / 2.1x / 2.7-3.2x nn.EmbeddingBag (fp32 / bf16 / int8), training 12x torch / 1.6x FBGEMM; "
+     "works on CPU; lookups 1.3-1.4x / 1.9-2.2x / 2.7-3.3x nn.EmbeddingBag (fp32 / bf16 / int8), training 12-13x torch / 1.4-1.6x FBGEMM; "
      "tables larger than RAM, sharding not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)",
-     "works on CPU (training and inference); decode 2.1-2.6x transformers at 16 tokens fp32; "
+     "works on CPU (training and inference); experts pruned by prune_; decode 2.3-2.5x transformers at 16 tokens fp32; "
      "1-token, bf16 decode, 2:4 and bandwidth targets not met"),
     ("Advisor: project each technique on TPUs, GPUs, CPUs", "not built yet"),
 ]
