@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["prefetch_l2"]
+__all__ = ["prefetch_l2", "prefetch_row"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,3 +33,23 @@ def prefetch_l2():
         return sig, codegen
 
     return prefetch
+
+
+@functools.lru_cache(maxsize=None)
+def prefetch_row():
+    """A jitted ``prefetch_row(addr: int64, nbytes: int64)``: :func:`prefetch_l2` of every cache
+    line of the ``nbytes`` starting at ``addr`` (inlined into the caller)."""
+    import numba
+    import numpy as np
+
+    prefetch = prefetch_l2()
+
+    @numba.njit(inline="always", nogil=True)
+    def row(addr, nbytes):
+        a = addr & ~np.int64(63)
+        last = (addr + nbytes - 1) & ~np.int64(63)
+        while a <= last:
+            prefetch(a)
+            a += 64
+
+    return row

@@ -137,9 +137,9 @@ def _kernels():
             part[c] = acc.sum()
         return part.sum()
 
-    from .._intrinsics import prefetch_l2 as _pf
+    from .._intrinsics import prefetch_row as _prefetch_row
 
-    prefetch_l2 = _pf()
+    prefetch_row = _prefetch_row()
 
     @numba.njit(parallel=True, fastmath=True, nogil=True)
     def gather_words(rows, ids, chunks, dist):
@@ -158,12 +158,7 @@ def _kernels():
             acc = np.uint32(0)
             for i in range(lo, hi):
                 if dist > 0 and i + dist < hi:
-                    a = base + ids[i + dist] * stride
-                    last = (a + stride - 1) & ~np.int64(63)
-                    a &= ~np.int64(63)
-                    while a <= last:
-                        prefetch_l2(a)
-                        a += 64
+                    prefetch_row(base + ids[i + dist] * stride, stride)
                 row = ids[i]
                 for j in range(w):
                     acc ^= rows[row, j]

@@ -53,9 +53,7 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
     """Forward lookups: every (distribution, dtype, variant) against one nn.EmbeddingBag per table.
     Variants: "kernel" (our prefetching gather), "dedup" (our sorted gather), "auto" (what a user
     gets by default: the faster of ours and torch's kernel, chosen on the first live batches)."""
-    from ..advisor.probe import cached_probe
-
-    from ..advisor.probe import gather_limit, gather_reader
+    from ..advisor.probe import cached_probe, gather_limit, gather_reader
 
     probe = cached_probe()
     bw = probe["bandwidth"]["read_gbs_all"]
@@ -103,7 +101,7 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
             if dist == "uniform" and variant == "kernel":
                 # the gather limit on the same rows count, row size and memory, interleaved with ours
                 read, _, _ = gather_reader(eng.embedding_tables["t0"].weight)
-                ids_pool = itertools.cycle([np.ascontiguousarray(kj.values.numpy() % N) for kj in pool])
+                ids_pool = itertools.cycle([kj.values.numpy() for kj in pool])  # ids < N: rows of t0
                 cl = itertools.cycle(pool)
                 d = limits[dt]["prefetch_ids"]
                 with torch.inference_mode():

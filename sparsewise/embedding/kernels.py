@@ -26,7 +26,7 @@ import functools
 
 import numpy as np
 
-from .._intrinsics import prefetch_l2 as _prefetch_l2
+from .._intrinsics import prefetch_row as _prefetch_row
 
 __all__ = ["pooled_forward", "pooled_forward_dedup", "check_ids", "sort_by_row", "fused_update", "DTYPE_CODES", "POOL_CODES"]
 
@@ -59,7 +59,7 @@ def _compiled():
 
     f32p, u16p, u8p = make_ptr(types.float32), make_ptr(types.uint16), make_ptr(types.uint8)
 
-    prefetch_l2 = _prefetch_l2()  # prefetcht1 (L2): see sparsewise._intrinsics
+    prefetch_row = _prefetch_row()  # prefetcht1 (L2) of every line of a row: see sparsewise._intrinsics
 
     f32 = ir.FloatType()
     v16f = ir.VectorType(f32, 16)
@@ -166,14 +166,6 @@ def _compiled():
 
     carray = numba.carray
     njit = functools.partial(numba.njit, fastmath=False, boundscheck=False, nogil=True)
-
-    @njit(inline="always")
-    def prefetch_row(addr, nbytes):
-        a = addr & ~np.int64(63)
-        last = (addr + nbytes - 1) & ~np.int64(63)
-        while a <= last:
-            prefetch_l2(a)
-            a += 64
 
     @njit(inline="always")
     def pool_row(o, am, track, j, addr, D, dt, pool, w):
