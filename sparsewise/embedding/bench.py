@@ -57,7 +57,7 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
 
     probe = cached_probe()
     bw = probe["bandwidth"]["read_gbs_all"]
-    limits = {}  # dtype -> gather_limit on that engine's own table 0 (picks the prefetch distance)
+    limits = {}  # dtype -> gather_limit on that engine's own T tables (picks the prefetch distance)
     ebc = EmbeddingBagCollection([TableConfig(f"t{t}", N, D, (f"f{t}",), init="normal", seed=t) for t in range(T)]).eval()
     bags = []
     for t in range(T):
@@ -75,8 +75,9 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
             if dt not in engines:
                 engines[dt] = ebc.quantize(dt)
             eng = engines[dt]
-            if dt not in limits:  # same memory, page size and row bytes as the lookups read
-                limits[dt] = gather_limit(eng.embedding_tables["t0"].weight, 1 << 20)
+            tabs = [eng.embedding_tables[f"t{t}"].weight for t in range(T)]
+            if dt not in limits:  # same memory, page size, row bytes and footprint as the lookups read
+                limits[dt] = gather_limit(tabs, 1 << 20)
             eng.dedup = variant == "dedup"
             eng.backend = "auto" if variant == "auto" else "kernel"
             eng.chooser = KernelChooser()
@@ -99,13 +100,14 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
                 r = compare(ours, base, pairs=pairs, name=f"forward {dist} {dt} {variant}")
             lim = None
             if dist == "uniform" and variant == "kernel":
-                # the gather limit on the same rows count, row size and memory, interleaved with ours
-                read, _, _ = gather_reader(eng.embedding_tables["t0"].weight)
-                ids_pool = itertools.cycle([kj.values.numpy() for kj in pool])  # ids < N: rows of t0
+                # the gather limit on the same ids, tables and memory, interleaved with ours (the
+                # batch's values hold feature t's ids in segment t, and feature t reads table t)
+                read, _, _ = gather_reader(tabs)
+                ids_pool = itertools.cycle([kj.values.numpy() for kj in pool])
                 cl = itertools.cycle(pool)
-                d = limits[dt]["prefetch_ids"]
+                d, pl = limits[dt]["prefetch_ids"], limits[dt]["per_line"]
                 with torch.inference_mode():
-                    lim = compare(lambda: read(next(ids_pool), d), lambda: eng(next(cl)).values, pairs=pairs,
+                    lim = compare(lambda: read(next(ids_pool), d, pl), lambda: eng(next(cl)).values, pairs=pairs,
                                   name=f"gather limit {dt}")
             picked = (next(iter(eng.chooser.decisions().values()), None) or "kernel") if variant == "auto" else None
             nnz = T * B * L

@@ -65,22 +65,30 @@ def _compiled():
     v16f = ir.VectorType(f32, 16)
 
     def make_bag(nv, kind):
-        """An intrinsic adding w * (16*nv columns of every row of one bag) into nv accumulators held
-        in vector registers for the whole bag (numba keeps array accumulators in memory: every row
-        then costs a load and a store per vector; measured 1.4-2x slower), prefetching the row
-        pf_dist ids ahead while below pf_end (the same table). kind: 0 fp32, 1 bf16, 2 fp16, 3 int8
+        """An intrinsic pooling 16*nv columns (at byte coloff of each row) of the bags i0..i1-1
+        (ids values[offsets[i]:offsets[i+1]]) into out rows ``outaddr + (i - i0) * ostride``: sum of
+        w * row, times 1/len if ``mean``. Each bag's nv accumulators stay in vector registers
+        (numba keeps array accumulators in memory: every row then costs a load and a store per
+        vector; measured 1.4-2x slower), and a run of bags is one call: per-bag work in numba (the
+        bag's table, slices, a division) cost 15% at 32 ids a bag. The row pf_dist ids ahead is
+        prefetched while below pf_end (the same table). kind: 0 fp32, 1 bf16, 2 fp16, 3 int8
         (row = codes, then fp32 scale and bias at byte sboff: value = code * scale + bias)."""
         esize = (4, 2, 2, 1)[kind]
 
         @intrinsic
-        def bag(typingctx, values, s, e, base, stride, coloff, sboff, weights, has_w, outaddr, pf_dist, pf_end):
-            sig = types.void(values, s, e, base, stride, coloff, sboff, weights, has_w, outaddr, pf_dist, pf_end)
+        def bag(typingctx, values, offsets, i0, i1, base, stride, coloff, sboff, weights, has_w, outaddr, ostride,
+                pf_dist, pf_end, mean):
+            sig = types.void(values, offsets, i0, i1, base, stride, coloff, sboff, weights, has_w, outaddr, ostride,
+                             pf_dist, pf_end, mean)
 
             def codegen(context, builder, signature, args):
-                vals_, s_, e_, base_, stride_, coloff_, sboff_, w_, hasw_, out_, pfd_, pfe_ = args
                 i64 = ir.IntType(64)
+                vals_, offs_, w_, hasw_, mean_ = args[0], args[1], args[8], args[9], args[14]
+                i0_, i1_, base_, stride_, coloff_, sboff_, out_, ostr_, pfd_, pfe_ = (
+                    context.cast(builder, args[k], signature.args[k], types.int64) for k in (2, 3, 4, 5, 6, 7, 10, 11, 12, 13))
                 vdata = context.make_array(signature.args[0])(context, builder, vals_).data
-                wdata = context.make_array(signature.args[7])(context, builder, w_).data
+                odata = context.make_array(signature.args[1])(context, builder, offs_).data
+                wdata = context.make_array(signature.args[8])(context, builder, w_).data
                 pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                                                     "llvm.prefetch.p0")
                 zero16 = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
@@ -93,49 +101,101 @@ def _compiled():
                     builder.call(pf, [builder.inttoptr(addr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2),
                                       ir.Constant(i32, 1)])
 
-                accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(nv)]
+                # bf16: a pair of 16-column vectors is one 64 B load of 16 words, whose low halves
+                # (columns 0, 2, .., 30) and high halves (1, 3, .., 31) become fp32 by a shift and
+                # a mask; they are summed apart and interleaved once per bag. Half the instructions
+                # per row of widening each half: the out-of-order window then holds more rows'
+                # misses (measured: 80% -> 100% of the gather limit). Other kinds: a vector per 16.
+                pairs = nv // 2 if kind == 1 else 0
+                singles = list(range(2 * pairs, nv))
+                zeros = ir.Constant(v16f, [0.0] * 16)
+                acc_lo = [cgutils.alloca_once_value(builder, zeros) for _ in range(pairs)]
+                acc_hi = [cgutils.alloca_once_value(builder, zeros) for _ in range(pairs)]
+                accs = {k: cgutils.alloca_once_value(builder, zeros) for k in singles}
                 hasw = builder.icmp_unsigned("!=", hasw_, ir.Constant(hasw_.type, 0))
+                mean = builder.icmp_unsigned("!=", mean_, ir.Constant(mean_.type, 0))
                 nbytes = 16 * nv * esize
-                with cgutils.for_range_slice(builder, s_, e_, ir.Constant(s_.type, 1), inc=True) as (j, _):
-                    jp = builder.add(j, pfd_)
-                    with builder.if_then(builder.icmp_signed("<", jp, pfe_), likely=True):
-                        rowp = builder.add(base_, builder.mul(builder.load(builder.gep(vdata, [jp])), stride_))
-                        for off in range(0, nbytes, 64):
-                            prefetch(builder.add(builder.add(rowp, coloff_), ir.Constant(i64, off)))
-                        if kind == 3:
-                            prefetch(builder.add(rowp, sboff_))
-                    row = builder.add(base_, builder.mul(builder.load(builder.gep(vdata, [j])), stride_))
-                    w = builder.select(hasw, builder.load(builder.gep(wdata, [j])), ir.Constant(f32, 1.0))
+                v16i = ir.VectorType(i32, 16)
+                sixteen = ir.Constant(v16i, [16] * 16)
+                himask = ir.Constant(v16i, [-65536] * 16)
+
+                def accumulate(acc, v, scale):
+                    # acc += v (unweighted: no multiply by 1), v * scale, or v * a + c (int8)
                     if kind == 3:
-                        sbp = builder.inttoptr(builder.add(row, sboff_), f32.as_pointer())
-                        scale = builder.load(sbp, align=4)
-                        bias = builder.load(builder.gep(sbp, [ir.Constant(i32, 1)]), align=4)
-                        a, c = splat(builder.fmul(w, scale)), splat(builder.fmul(w, bias))
-                    else:
-                        wv = splat(w)
-                    for k in range(nv):
-                        addr = builder.add(builder.add(row, coloff_), ir.Constant(i64, 16 * esize * k))
-                        if kind == 0:
-                            v = builder.load(builder.inttoptr(addr, v16f.as_pointer()), align=4)
-                        elif kind == 1:
-                            h = builder.load(builder.inttoptr(addr, ir.VectorType(ir.IntType(16), 16).as_pointer()), align=2)
-                            v = builder.bitcast(builder.shl(builder.zext(h, ir.VectorType(i32, 16)),
-                                                            ir.Constant(ir.VectorType(i32, 16), [16] * 16)), v16f)
-                        elif kind == 2:
-                            h = builder.load(builder.inttoptr(addr, ir.VectorType(ir.HalfType(), 16).as_pointer()), align=2)
-                            v = builder.fpext(h, v16f)
-                        else:
-                            q = builder.load(builder.inttoptr(addr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
-                            v = builder.uitofp(q, v16f)
-                        acc = builder.load(accs[k])
+                        v = builder.fadd(builder.fmul(v, scale[0]), scale[1])
+                    elif scale is not None:
+                        v = builder.fmul(v, scale)
+                    builder.store(builder.fadd(builder.load(acc), v), acc)
+
+                def rows(s_, e_, weighted):
+                    with cgutils.for_range_slice(builder, s_, e_, ir.Constant(i64, 1), inc=True) as (j, _):
+                        jp = builder.add(j, pfd_)
+                        with builder.if_then(builder.icmp_signed("<", jp, pfe_), likely=True):
+                            rowp = builder.add(base_, builder.mul(builder.load(builder.gep(vdata, [jp])), stride_))
+                            for off in range(0, nbytes, 64):
+                                prefetch(builder.add(builder.add(rowp, coloff_), ir.Constant(i64, off)))
+                            if kind == 3:
+                                prefetch(builder.add(rowp, sboff_))
+                        row = builder.add(base_, builder.mul(builder.load(builder.gep(vdata, [j])), stride_))
+                        w = builder.load(builder.gep(wdata, [j])) if weighted else ir.Constant(f32, 1.0)
                         if kind == 3:
-                            term = builder.fadd(builder.fmul(v, a), c)
+                            sbp = builder.inttoptr(builder.add(row, sboff_), f32.as_pointer())
+                            scale = builder.load(sbp, align=4)
+                            bias = builder.load(builder.gep(sbp, [ir.Constant(i32, 1)]), align=4)
+                            sc = (splat(builder.fmul(w, scale)), splat(builder.fmul(w, bias)))
                         else:
-                            term = builder.fmul(v, wv)
-                        builder.store(builder.fadd(acc, term), accs[k])
-                for k in range(nv):
-                    ptr = builder.inttoptr(builder.add(out_, ir.Constant(i64, 64 * k)), v16f.as_pointer())
-                    builder.store(builder.load(accs[k]), ptr, align=4)
+                            sc = splat(w) if weighted else None
+                        col = builder.add(row, coloff_)
+                        for p in range(pairs):
+                            addr = builder.add(col, ir.Constant(i64, 64 * p))
+                            x = builder.load(builder.inttoptr(addr, v16i.as_pointer()), align=4)
+                            accumulate(acc_lo[p], builder.bitcast(builder.shl(x, sixteen), v16f), sc)
+                            accumulate(acc_hi[p], builder.bitcast(builder.and_(x, himask), v16f), sc)
+                        for k in singles:
+                            addr = builder.add(col, ir.Constant(i64, 16 * esize * k))
+                            if kind == 0:
+                                v = builder.load(builder.inttoptr(addr, v16f.as_pointer()), align=4)
+                            elif kind == 1:
+                                h = builder.load(builder.inttoptr(addr, ir.VectorType(ir.IntType(16), 16).as_pointer()), align=2)
+                                v = builder.bitcast(builder.shl(builder.zext(h, v16i), sixteen), v16f)
+                            elif kind == 2:
+                                h = builder.load(builder.inttoptr(addr, ir.VectorType(ir.HalfType(), 16).as_pointer()), align=2)
+                                v = builder.fpext(h, v16f)
+                            else:
+                                q = builder.load(builder.inttoptr(addr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+                                v = builder.uitofp(q, v16f)
+                            accumulate(accs[k], v, sc)
+
+                def store(acc, addr, inv):
+                    # the bag's mean multiplies by float32(1 / len), as finish_bag does
+                    v = builder.select(mean, builder.fmul(acc, splat(inv)), acc)
+                    builder.store(v, builder.inttoptr(addr, v16f.as_pointer()), align=4)
+
+                def bags(weighted):
+                    with cgutils.for_range_slice(builder, i0_, i1_, ir.Constant(i64, 1), inc=True) as (i, _):
+                        s_ = builder.load(builder.gep(odata, [i]))
+                        e_ = builder.load(builder.gep(odata, [builder.add(i, ir.Constant(i64, 1))]))
+                        for acc in acc_lo + acc_hi + list(accs.values()):
+                            builder.store(zeros, acc)
+                        rows(s_, e_, weighted)
+                        n = builder.sitofp(builder.sub(e_, s_), f32)
+                        inv = builder.select(builder.fcmp_ordered(">", n, ir.Constant(f32, 0.0)),
+                                             builder.fdiv(ir.Constant(f32, 1.0), n), ir.Constant(f32, 1.0))
+                        out = builder.add(out_, builder.mul(builder.sub(i, i0_), ostr_))
+                        for p in range(pairs):
+                            lo, hi = builder.load(acc_lo[p]), builder.load(acc_hi[p])
+                            for h, idx in enumerate((0, 8)):
+                                mask = ir.Constant(v16i, [v for c in range(idx, idx + 8) for v in (c, 16 + c)])
+                                store(builder.shuffle_vector(lo, hi, mask),
+                                      builder.add(out, ir.Constant(i64, 64 * (2 * p + h))), inv)
+                        for k in singles:
+                            store(builder.load(accs[k]), builder.add(out, ir.Constant(i64, 64 * k)), inv)
+
+                with builder.if_else(hasw) as (weighted, plain):
+                    with weighted:
+                        bags(True)
+                    with plain:
+                        bags(False)
                 return context.get_dummy_value()
 
             return sig, codegen
@@ -221,26 +281,36 @@ def _compiled():
 
     # dispatch to the register bag loop for (kind, nv); generated: numba needs each intrinsic
     # called by name
-    src = ["def reg_bag(kind, nv, values, s, e, base, stride, off, sboff, weights, has_w, outaddr, pf_dist, pf_end):"]
+    src = ["def reg_bag(kind, nv, values, offsets, i0, i1, base, stride, off, sboff, weights, has_w, outaddr, ostride,"
+           "            pf_dist, pf_end, mean):"]
     for kind in range(4):
         for nv in range(1, 9):
             src.append(f"    {'if' if (kind, nv) == (0, 1) else 'elif'} kind == {kind} and nv == {nv}:")
-            src.append(f"        B_{kind}_{nv}(values, s, e, base, stride, off, sboff, weights, has_w, outaddr, pf_dist, pf_end)")
+            src.append(f"        B_{kind}_{nv}(values, offsets, i0, i1, base, stride, off, sboff, weights, has_w, outaddr, "
+                       "ostride, pf_dist, pf_end, mean)")
     scope = {f"B_{k}_{n}": f for (k, n), f in BAGS.items()}
     exec("\n".join(src), scope)
     reg_bag = njit(inline="always")(scope["reg_bag"])
 
     @njit(inline="always")
-    def sum_bag_reg(values, s, e, base, stride, D, kind, weights, has_w, outaddr, pf_dist, pf_end):
-        # one bag (sum; D % 16 == 0) in column blocks of up to 128: 8 vector registers
+    def pool_bags_reg(values, offsets, i0, i1, base, stride, D, kind, weights, has_w, outaddr, ostride, pf_dist,
+                      pf_end, mean):
+        # sum / mean of the bags i0..i1-1 of one feature (D % 16 == 0) into out rows ostride bytes
+        # apart: up to 128 columns (8 vector registers) in one call for the whole run; wider rows
+        # bag by bag in column blocks, the second block re-reading the bag's rows from cache
         esize = 4 if kind == 0 else (1 if kind == 3 else 2)
         sboff = (D + 3) // 4 * 4
-        done = 0
-        while done < D:
-            nv = min(8, (D - done) // 16)
-            reg_bag(kind, nv, values, s, e, base, stride, done * esize, sboff, weights, has_w, outaddr + done * 4,
-                    pf_dist, pf_end)
-            done += nv * 16
+        if D <= 128:
+            reg_bag(kind, D // 16, values, offsets, i0, i1, base, stride, 0, sboff, weights, has_w, outaddr, ostride,
+                    pf_dist, pf_end, mean)
+            return
+        for i in range(i0, i1):
+            done = 0
+            while done < D:
+                nv = min(8, (D - done) // 16)
+                reg_bag(kind, nv, values, offsets, i, i + 1, base, stride, done * esize, sboff, weights, has_w,
+                        outaddr + (i - i0) * ostride + done * 4, ostride, pf_dist, pf_end, mean)
+                done += nv * 16
 
     @njit(inline="always")
     def bag_slot(i, B, feat_table, feat_col, tab_dim, out, argmax, track):
@@ -291,40 +361,47 @@ def _compiled():
             pstride = tab_stride[tp]
             out_addr = out.ctypes.data
             C = out.shape[1]
-            for i in range(i0, i1):
-                f, t, o, am = bag_slot(i, B, feat_table, feat_col, tab_dim, out, argmax, track)
-                D = o.shape[0]
+            i = i0
+            while i < i1:
+                # a run of bags of one feature: the common case (sum/mean, D % 16 == 0) in one call,
+                # which prefetches its own rows (within its table)
+                f = i // B
+                t = feat_table[f]
+                D = tab_dim[t]
                 pool = feat_pool[f]
-                dt = tab_dtype[t]
-                base = tab_addr[t]
-                stride = tab_stride[t]
-                s = offsets[i]
-                e = offsets[i + 1]
+                iend = min(i1, (f + 1) * B)
                 if pool != 2 and D % 16 == 0:
-                    # the common case in registers; it prefetches its own rows (within its table)
-                    b = i - f * B
-                    sum_bag_reg(values, s, e, base, stride, D, dt, weights, has_w,
-                                out_addr + (b * C + feat_col[f]) * 4, pf_dist, min(jend, offsets[(f + 1) * B]))
-                    if pj < e:
-                        pj = e
-                    finish_bag(o, am, e - s, pool, track)
+                    pool_bags_reg(values, offsets, i, iend, tab_addr[t], tab_stride[t], D, tab_dtype[t], weights, has_w,
+                                  out_addr + ((i - f * B) * C + feat_col[f]) * 4, C * 4, pf_dist, offsets[iend],
+                                  pool == 1)
+                    if pj < offsets[iend]:
+                        pj = offsets[iend]
+                    i = iend
                     continue
-                start_bag(o, pool)
-                for j in range(s, e):
-                    # keep the prefetch cursor pf_dist ids ahead, across bags and features
-                    want = min(j + pf_dist, jend)
-                    while pj < want:
-                        while pend <= pj:
-                            pi += 1
-                            pend = offsets[pi + 1]
-                            tp = feat_table[pi // B]
-                            pbase = tab_addr[tp]
-                            pstride = tab_stride[tp]
-                        prefetch_row(pbase + values[pj] * pstride, pstride)
-                        pj += 1
-                    w = weights[j] if has_w else np.float32(1.0)
-                    pool_row(o, am, track and pool == 2, j, base + values[j] * stride, D, dt, pool, w)
-                finish_bag(o, am, e - s, pool, track)
+                for i in range(i, iend):
+                    f, t, o, am = bag_slot(i, B, feat_table, feat_col, tab_dim, out, argmax, track)
+                    dt = tab_dtype[t]
+                    base = tab_addr[t]
+                    stride = tab_stride[t]
+                    s = offsets[i]
+                    e = offsets[i + 1]
+                    start_bag(o, pool)
+                    for j in range(s, e):
+                        # keep the prefetch cursor pf_dist ids ahead, across bags and features
+                        want = min(j + pf_dist, jend)
+                        while pj < want:
+                            while pend <= pj:
+                                pi += 1
+                                pend = offsets[pi + 1]
+                                tp = feat_table[pi // B]
+                                pbase = tab_addr[tp]
+                                pstride = tab_stride[tp]
+                            prefetch_row(pbase + values[pj] * pstride, pstride)
+                            pj += 1
+                        w = weights[j] if has_w else np.float32(1.0)
+                        pool_row(o, am, track and pool == 2, j, base + values[j] * stride, D, dt, pool, w)
+                    finish_bag(o, am, e - s, pool, track)
+                i = iend
 
     # Deduplicating variant of pooled_forward (same arguments plus tab_base, total_rows): each
     # chunk of bags sorts its ids by global row, then reads every distinct row once, in address
