@@ -80,3 +80,24 @@ def test_gather_limit_refuses_tables_it_cannot_read(bad):
 
     with pytest.raises(ValueError):
         P.gather_limit(bad(torch.ones(64, 16, dtype=torch.uint8)), 100, repeats=1)
+
+
+def test_gather_limit_over_several_tables():
+    import numpy as np
+    import torch
+
+    tabs = [torch.ones(500 + 100 * t, 40, dtype=torch.float32) for t in range(3)]  # 160 B rows: 3 lines, a tail
+    r = P.gather_limit(tabs, 3000, repeats=1, dists=(0, 4))
+    assert r["tables"] == 3 and r["row_bytes"] == 160 and r["table_bytes"] == (500 + 600 + 700) * 160
+    assert r["gbs"] > 0 and isinstance(r["per_line"], bool)
+    read, rb, nrows = P.gather_reader(tabs)
+    assert rb == 160 and nrows == [500, 600, 700]
+    ids = np.concatenate([np.arange(n - 10, n, dtype=np.int64) for n in (500, 500, 500)])  # last rows of each
+    for per_line in (False, True):
+        read(ids, 4, per_line)
+    with pytest.raises(ValueError, match="equal per-table segments"):
+        read(ids[:-1], 0)
+    with pytest.raises(ValueError, match="equal row bytes"):
+        P.gather_reader([tabs[0], torch.ones(10, 16)])
+    with pytest.raises(ValueError, match="at least one"):
+        P.gather_reader([])
