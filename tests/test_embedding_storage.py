@@ -104,3 +104,50 @@ def test_keyed_jagged_views():
     with pytest.raises(ValueError, match="offsets or lengths"):
         KeyedJagged(["u"], torch.tensor([1]))
     assert "batch_size=2" in repr(kj)
+
+
+def test_output_rows_reuses_only_mappings_nothing_references():
+    import gc
+
+    from sparsewise.embedding import storage
+
+    rows, width = 4096, 1024  # 16 MB: above HUGE_MIN_BYTES
+    a = storage.output_rows(rows, width)
+    a.fill_(1.0)
+    view = a[:, :8]  # a view keeps the mapping in use after its base tensor is gone
+    addr = a.data_ptr()
+    del a
+    gc.collect()
+    b = storage.output_rows(rows, width)
+    assert b.data_ptr() != addr and float(view.sum()) == rows * 8
+    b.fill_(2.0)
+    assert float(view.sum()) == rows * 8  # untouched by the new output
+    del view, b
+    gc.collect()
+    c = storage.output_rows(rows, width)
+    assert c.shape == (rows, width) and c.dtype == torch.float32
+    assert sum(len(m) for m in storage._pool) <= storage.OUTPUT_POOL_BYTES
+    small = storage.output_rows(3, 5)
+    assert small.shape == (3, 5)
+
+
+def test_forward_outputs_stay_valid_across_calls():
+    from sparsewise.embedding import EmbeddingBagCollection, KeyedJagged, TableConfig
+
+    # 2048 x 1024 fp32 outputs: 8 MB, pooled mappings
+    ebc = EmbeddingBagCollection([TableConfig(f"t{t}", 100, 128, (f"f{t}",), init="normal", seed=t) for t in range(8)]).eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def batch():
+        return KeyedJagged([f"f{t}" for t in range(8)], torch.randint(0, 100, (8 * 2048 * 2,), generator=gen),
+                           lengths=torch.full((8 * 2048,), 2))
+
+    k1, k2 = batch(), batch()
+    o1 = ebc(k1).values
+    ref1 = ebc(k1, backend="reference").values
+    o2 = ebc(k2).values
+    torch.testing.assert_close(o1, ref1)  # the second call did not write into the first output
+    torch.testing.assert_close(o2, ebc(k2, backend="reference").values)
+    del o1
+    o3 = ebc(k1).values  # may reuse o1's mapping: fully overwritten
+    torch.testing.assert_close(o3, ref1)
