@@ -470,7 +470,7 @@ def _compiled():
     @njit(inline="always")
     def radix_sort(key, pos, bits):
         n = key.shape[0]
-        passes = max(1, (bits + 7) // 8)
+        passes = max(1, (bits + 10) // 11)  # digits of up to 11 bits: 16 KB of counts stay in L1
         digit = (bits + passes - 1) // passes
         mask = (np.int64(1) << digit) - 1
         key2 = np.empty(n, np.int64)
@@ -516,18 +516,14 @@ def _compiled():
                 key[j] = base + values[j]
                 bag_of[j] = i
         key, pos = radix_sort(key, np.arange(nnz).astype(np.int64), bits_for(total_rows))
+        seg = np.empty(nnz + 1, np.int64)
         nseg = 0
         for q in range(nnz):
             if q == 0 or key[q] != key[q - 1]:
+                seg[nseg] = q
                 nseg += 1
-        seg = np.empty(nseg + 1, np.int64)
-        u = 0
-        for q in range(nnz):
-            if q == 0 or key[q] != key[q - 1]:
-                seg[u] = q
-                u += 1
         seg[nseg] = nnz
-        return pos, seg, bag_of
+        return pos, seg[:nseg + 1], bag_of
 
     # One pass over the distinct rows (seg from sort_by_row): sum each row's gradient over its
     # occurrences (per-id weights, 1/L for mean, argmax routing for max) and apply the optimizer
