@@ -119,13 +119,18 @@ def _compiled():
                 sixteen = ir.Constant(v16i, [16] * 16)
                 himask = ir.Constant(v16i, [-65536] * 16)
 
+                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]),
+                                                     "llvm.fma.v16f32")
+                # int8: sum_j w_j (code_j * scale_j + bias_j) = sum_j (w_j scale_j) code_j + sum_j w_j bias_j,
+                # the second a scalar per bag: one fused multiply-add per vector and row
+                bsum = cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
+
                 def accumulate(acc, v, scale):
-                    # acc += v (unweighted: no multiply by 1), v * scale, or v * a + c (int8)
-                    if kind == 3:
-                        v = builder.fadd(builder.fmul(v, scale[0]), scale[1])
-                    elif scale is not None:
-                        v = builder.fmul(v, scale)
-                    builder.store(builder.fadd(builder.load(acc), v), acc)
+                    # acc += v (unweighted: no multiply by 1), or fma(v, scale, acc)
+                    if scale is None:
+                        builder.store(builder.fadd(builder.load(acc), v), acc)
+                    else:
+                        builder.store(builder.call(fma, [v, scale, builder.load(acc)]), acc)
 
                 def rows(s_, e_, weighted):
                     with cgutils.for_range_slice(builder, s_, e_, ir.Constant(i64, 1), inc=True) as (j, _):
@@ -142,7 +147,8 @@ def _compiled():
                             sbp = builder.inttoptr(builder.add(row, sboff_), f32.as_pointer())
                             scale = builder.load(sbp, align=4)
                             bias = builder.load(builder.gep(sbp, [ir.Constant(i32, 1)]), align=4)
-                            sc = (splat(builder.fmul(w, scale)), splat(builder.fmul(w, bias)))
+                            sc = splat(builder.fmul(w, scale))
+                            builder.store(builder.fadd(builder.load(bsum), builder.fmul(w, bias)), bsum)
                         else:
                             sc = splat(w) if weighted else None
                         col = builder.add(row, coloff_)
@@ -168,6 +174,8 @@ def _compiled():
 
                 def store(acc, addr, inv):
                     # the bag's mean multiplies by float32(1 / len), as finish_bag does
+                    if kind == 3:
+                        acc = builder.fadd(acc, splat(builder.load(bsum)))
                     v = builder.select(mean, builder.fmul(acc, splat(inv)), acc)
                     builder.store(v, builder.inttoptr(addr, v16f.as_pointer()), align=4)
 
@@ -177,6 +185,7 @@ def _compiled():
                         e_ = builder.load(builder.gep(odata, [builder.add(i, ir.Constant(i64, 1))]))
                         for acc in acc_lo + acc_hi + list(accs.values()):
                             builder.store(zeros, acc)
+                        builder.store(ir.Constant(f32, 0.0), bsum)
                         rows(s_, e_, weighted)
                         n = builder.sitofp(builder.sub(e_, s_), f32)
                         inv = builder.select(builder.fcmp_ordered(">", n, ir.Constant(f32, 0.0)),
