@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["prefetch_l2", "prefetch_row"]
+__all__ = ["prefetch_l2", "prefetch_row", "bfloat_type"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,3 +53,22 @@ def prefetch_row():
             a += 64
 
     return row
+
+
+@functools.lru_cache(maxsize=None)
+def bfloat_type():
+    """LLVM's ``bfloat`` element type for llvmlite IR (llvmlite has none; LLVM's vdpbf16ps
+    intrinsic ``llvm.x86.avx512bf16.dpbf16ps.512`` takes ``<32 x bfloat>`` operands)."""
+    from llvmlite import ir
+
+    class BFloat(ir.Type):
+        def _to_string(self):
+            return "bfloat"
+
+        def __eq__(self, other):
+            return isinstance(other, BFloat)
+
+        def __hash__(self):
+            return hash("bfloat")
+
+    return BFloat()

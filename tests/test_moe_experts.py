@@ -3,6 +3,7 @@ import torch
 
 from sparsewise.moe import MoE, RouterConfig, build_plan, grouped_matvec, reference_moe
 from sparsewise.moe import experts as experts_mod
+from sparsewise.moe.kernels import dp_available
 from sparsewise.nm import NMTensor, is_nm, nm_mask
 
 # awkward sizes: E not a power of two, k=3, dims not multiples of 16, experts left empty
@@ -118,6 +119,23 @@ def test_grouped_matvec_vs_reference(dtype, wide_from):
     wf = w.to(torch.float32)
     want = torch.cat([x[0:3] @ wf[0].T, x[3:10] @ wf[2].T, x[10:17] @ wf[4].T])
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not dp_available(), reason="needs AVX-512 BF16")
+@pytest.mark.parametrize("cols", [32, 96, 1024])
+def test_grouped_matvec_bf16_dot_kernel(cols):
+    # bf16 weights, C % 32 == 0: vdpbf16ps on x rounded to bf16; experts with 0-9 rows cover the
+    # 4-token passes and every 1-3 token remainder
+    torch.manual_seed(cols)
+    counts = [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    w = torch.randn(len(counts), 37, cols).to(torch.bfloat16)
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    x = torch.randn(int(offsets[-1]), cols)
+    used = [e for e, n in enumerate(counts) if n]
+    y = grouped_matvec(w, x, offsets, used)
+    xb, wf = x.to(torch.bfloat16).float(), w.float()
+    want = torch.cat([xb[offsets[e]:offsets[e + 1]] @ wf[e].T for e in used])
+    torch.testing.assert_close(y, want, atol=1e-4 * cols ** 0.5, rtol=1e-4)
 
 
 def test_bf16_moe_close_to_fp32():

@@ -65,19 +65,11 @@ def _compiled():
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    class BFloat(ir.Type):  # llvmlite has no bfloat type; LLVM's dpbf16ps intrinsic wants one
-        def _to_string(self):
-            return "bfloat"
-
-        def __eq__(self, other):
-            return isinstance(other, BFloat)
-
-        def __hash__(self):
-            return hash("bfloat")
+    from .._intrinsics import bfloat_type
 
     f32, i16, i32, i64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
     v16f, v16i, v16s = ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(i16, 16)
-    v32s, v8q, v32bf = ir.VectorType(i16, 32), ir.VectorType(i64, 8), ir.VectorType(BFloat(), 32)
+    v32s, v8q, v32bf = ir.VectorType(i16, 32), ir.VectorType(i64, 8), ir.VectorType(bfloat_type(), 32)
 
     def c64(v):
         return ir.Constant(i64, v)
