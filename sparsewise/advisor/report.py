@@ -44,11 +44,11 @@ STATUS = [
      "works, with the sparsewise prune CLI; one-shot SparseGPT 2:4 on SmolLM2-135M at 4.84x dense perplexity, "
      "Fashion-MNIST within 0.3 points of dense after fine-tuning"),
     ("Embedding engine: jagged lookups, quantized rows, fused optimizer, DLRM (sparsewise.embedding)",
-     "works on CPU; lookups 1.3-1.4x / 1.9-2.2x / 2.7-3.3x nn.EmbeddingBag (fp32 / bf16 / int8), training 12-13x torch / 1.4-1.6x FBGEMM; "
-     "tables larger than RAM, sharding not built yet"),
+     "works on CPU; lookups 1.65-1.79x / 2.52-3.16x / 2.81-4.20x nn.EmbeddingBag (fp32 / bf16 / int8), training 10-13x torch / "
+     "1.3-1.5x FBGEMM (targets 20x / 3x not met); tables larger than RAM, sharding not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)",
-     "works on CPU (training and inference); experts pruned by prune_; decode 2.3-2.5x transformers at 16 tokens fp32; "
-     "1-token, bf16 decode, 2:4 and bandwidth targets not met"),
+     "works on CPU (training and inference); experts pruned by prune_; decode 2.3-3.1x transformers at 16 tokens fp32; "
+     "1-token fp32 and 16-token bf16 on the Mixtral shape, 2:4 and bandwidth targets not met"),
     ("Advisor: project each technique on TPUs, GPUs, CPUs", "not built yet"),
 ]
 
