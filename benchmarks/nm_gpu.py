@@ -76,15 +76,17 @@ def markdown(out: dict) -> str:
     lines = [f"# 2:4 on {g['name']} (torch {g['torch']}, CUDA {g['cuda']})", "",
              "Ratios are dense time / candidate time, medians of interleaved CUDA-event timings; weights cycle",
              "through copies worth 2x the L2. cuSPARSELt = `F.linear` on `to_sparse_semi_structured` vs `F.linear`",
-             "on the dense weight; SparseLinear (measured dispatch) vs `nn.Linear` with the same weight.", "",
-             "| layer | dtype | batch | dense us | dense TFLOP/s | cuSPARSELt | SparseLinear | sparse from batch |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "on the dense weight; SparseLinear (measured dispatch) vs `nn.Linear` with the same weight;",
+             "A/A = `nn.Linear` vs itself, timed the same way (the noise floor of a cell).", "",
+             "| layer | dtype | batch | dense us | dense TFLOP/s | cuSPARSELt | SparseLinear | A/A | sparse from batch |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in out["rows"]:
         cs = r.get("cusparselt")
         dense_s = cs["baseline_s"] if cs else r["sparselinear"]["baseline_s"]
         mb = r["sparselinear"]["min_batch"]
         lines.append(f"| {r['layer']} | {r['dtype']} | {r['batch']} | {dense_s * 1e6:.1f} | {r['dense_TFLOPs']:.0f} | "
                      f"{(format(cs['ratio'], '.2f') + 'x') if cs else 'n/a'} | {r['sparselinear']['ratio']:.2f}x | "
+                     f"{(format(r['same']['ratio'], '.2f') + 'x') if 'same' in r else 'n/a'} | "
                      f"{'never' if mb >= 1 << 30 else mb} |")
     return "\n".join(lines) + "\n"
 
@@ -157,14 +159,18 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     y = sls[0](x).float()
                     err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
-                    r = paired(rotating(sls, lambda m: m(x)), rotating(lins, lambda m: m(x)))
+                    r = paired(rotating(sls, lambda m: m(x)), rotating(lins, lambda m: m(x)), pairs=15)
+                    # A/A: nn.Linear against itself, measured the same way: the spread this GPU host's
+                    # launch timing gives to cells of a few microseconds
+                    same = paired(rotating(lins, lambda m: m(x)), rotating(lins, lambda m: m(x)), pairs=15)
                 row["sparselinear"] = {**r, "rel_err": err, "min_batch": sls[0]._gpu[3], "why": sls[0]._gpu[4]}
+                row["same"] = same
                 moved = (w.numel() + x.numel() + o * b) * w.element_size()
                 dense_s = row["cusparselt"]["baseline_s"] if "cusparselt" in row else row["sparselinear"]["baseline_s"]
                 row["dense_TBps"] = moved / dense_s / 1e12
                 row["dense_TFLOPs"] = 2 * o * k * b / dense_s / 1e12
                 rows.append(row)
-                cells = " ".join(f"{n}={row[n]['ratio']:.2f}x" for n in ("cusparselt", "cutlass", "sparselinear")
+                cells = " ".join(f"{n}={row[n]['ratio']:.2f}x" for n in ("cusparselt", "cutlass", "sparselinear", "same")
                                  if n in row)
                 print(f"{label:28s} {row['dtype']:8s} b{b:<5d} dense {dense_s * 1e6:8.1f} us "
                       f"{cells}", flush=True)
@@ -176,7 +182,9 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(out, indent=1))
     Path(args.out).with_suffix(".md").write_text(markdown(out))
     worst = min(r["sparselinear"]["ratio"] for r in rows)
-    print(f"SparseLinear vs dense, worst cell: {worst:.3f}x; {len(rows)} cells in {out['seconds']:.0f} s")
+    same = [r["same"]["ratio"] for r in rows]
+    print(f"SparseLinear vs dense, worst cell: {worst:.3f}x (A/A spread {min(same):.3f}-{max(same):.3f}x); "
+          f"{len(rows)} cells in {out['seconds']:.0f} s")
     return 0
 
 

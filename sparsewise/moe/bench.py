@@ -85,7 +85,7 @@ def _all_dense(moe: MoE):
         if moe.shared is not None:
             from .experts import uniform_plan
 
-            out = out + torch.sigmoid(moe.shared_gate(x2)) * moe.shared(x2, uniform_plan(x2.shape[0]))
+            out = out + torch.sigmoid(moe.shared_gate(x2)) * moe.shared(x2, uniform_plan(x2.shape[0], x2.device))
         return out
     return fn
 

@@ -39,11 +39,13 @@ DECODE_ROWS = {torch.float32: 64, torch.bfloat16: 4}
 DECODE_ROWS_PREPACKED = {torch.float32: 2, torch.bfloat16: 2}
 
 
-def uniform_plan(num_tokens: int) -> RoutingPlan:
+def uniform_plan(num_tokens: int, device: torch.device | str | None = None) -> RoutingPlan:
     """Every token to expert 0 with weight 1 (how shared experts reuse the expert kernels)."""
-    tokens = torch.arange(num_tokens)
-    return RoutingPlan(num_tokens, 1, 1, torch.zeros(num_tokens, 1, dtype=torch.int64), torch.ones(num_tokens, 1),
-                       tokens, tokens, torch.tensor([num_tokens]), torch.tensor([0, num_tokens]), [num_tokens])
+    tokens = torch.arange(num_tokens, device=device)
+    return RoutingPlan(num_tokens, 1, 1, torch.zeros(num_tokens, 1, dtype=torch.int64, device=device),
+                       torch.ones(num_tokens, 1, device=device), tokens, tokens,
+                       torch.tensor([num_tokens], device=device), torch.tensor([0, num_tokens], device=device),
+                       [num_tokens])
 
 
 class Experts(nn.Module):

@@ -129,7 +129,7 @@ class MoE(nn.Module):
         self.last_plan = plan
         y = self.experts(x2, plan)
         if self.shared is not None:
-            s = self.shared(x2, uniform_plan(x2.shape[0]))
+            s = self.shared(x2, uniform_plan(x2.shape[0], x2.device))
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(x2)) * s
             y = y + s
@@ -139,7 +139,7 @@ class MoE(nn.Module):
         """Balancing loss + z-loss of the last forward (zero when neither is configured)."""
         if self.last_plan is None:
             raise ValueError("no forward has run yet")
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self.last_plan.weights.device)
         for part in (self.last_plan.aux_loss, self.last_plan.z_loss):
             if part is not None:
                 total = total + part

@@ -163,7 +163,7 @@ def build_plan(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int
     else:
         slot = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat[slot], minlength=num_experts)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return RoutingPlan(t, num_experts, k, ids, weights, slot // k, slot, counts, offsets, counts.tolist(),
                        dropped=dropped, capacity=capacity)
