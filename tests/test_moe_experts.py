@@ -252,3 +252,26 @@ def test_bf16_mixed_kernel_and_gemm_paths(prepack):
         assert max(counts) > experts_mod.DECODE_ROWS[torch.bfloat16]
         ref = _naive(moe, x)
     torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.03)
+
+
+@pytest.mark.skipif(not dp_available(), reason="needs AVX512_BF16")
+def test_bf16_dp_threshold_mixes_kernel_and_grouped_gemm():
+    # dims % 32 == 0: experts with up to DECODE_ROWS_DP rows take the vdpbf16ps kernel, the rest
+    # one grouped GEMM; both kinds in one call
+    torch.manual_seed(4)
+    moe = MoE(64, 96, 4, 2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        for e in range(4):
+            moe.router.weight[e, e] = 10.0  # feature e votes for expert e
+    x = 0.01 * torch.randn(15, 64)
+    x[:12, 0], x[:12, 1] = 1.0, 0.5    # 12 tokens to experts 0 and 1
+    x[12:, 2], x[12:, 3] = 1.0, 0.5    # 3 tokens to experts 2 and 3
+    x = x.to(torch.bfloat16)
+    with torch.no_grad():
+        y = moe(x)
+        counts = moe.last_plan.counts_list
+        limit = experts_mod.DECODE_ROWS_DP
+        assert max(counts) > limit and 0 < min(c for c in counts if c) <= limit, counts
+        ref = _naive(moe, x)
+    torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.03)
