@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparsewise._util import atomic_write_json, atomic_write_text  # noqa: E402
 from sparsewise.nm.bench import SHAPES  # noqa: E402  (the issue's layers, as on the CPU)
 
 BATCHES = (1, 8, 32, 256, 2048, 8192)
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.markdown:
         out = json.loads(Path(args.markdown).read_text())
-        Path(args.markdown).with_suffix(".md").write_text(markdown(out))
+        atomic_write_text(Path(args.markdown).with_suffix(".md"), markdown(out))
         return 0
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure", file=sys.stderr)
@@ -179,8 +180,8 @@ def main(argv=None) -> int:
     out = {"schema": "sparsewise.bench/1", "suite": "nm_gpu", "gpu": gpu, "rows": rows,
            "seconds": time.perf_counter() - t0}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    Path(args.out).with_suffix(".md").write_text(markdown(out))
+    atomic_write_json(args.out, out)
+    atomic_write_text(Path(args.out).with_suffix(".md"), markdown(out))
     worst = min(r["sparselinear"]["ratio"] for r in rows)
     same = [r["same"]["ratio"] for r in rows]
     print(f"SparseLinear vs dense, worst cell: {worst:.3f}x (A/A spread {min(same):.3f}-{max(same):.3f}x); "

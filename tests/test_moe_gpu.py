@@ -30,7 +30,8 @@ def test_forward_on_cuda_matches_cpu(weights, t):
 
 
 def test_backward_on_cuda_matches_cpu():
-    cpu, gpu = _pair("dense", router=RouterConfig(6, 2, scoring="sigmoid", expert_bias=True, aux_loss_coef=0.01, z_loss_coef=1e-3), shared=1)
+    router = RouterConfig(6, 2, scoring="sigmoid", expert_bias=True, aux_loss_coef=0.01, z_loss_coef=1e-3)
+    cpu, gpu = _pair("dense", router=router, shared=1)
     x = torch.randn(2, 9, 48)
     xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
     (cpu(xc).square().mean() + cpu.aux_loss()).backward()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..nm.functional import nm_linear
 from ..nm.tensor import NMTensor
-from .kernels import ACTIVATIONS, activate, dp_available, grouped_matvec, grouped_nm_matmul
+from .kernels import ACTIVATIONS, activate, dp_kernel_applies, grouped_matvec, grouped_nm_matmul
 from .routing import RoutingPlan
 
 __all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_DP", "DECODE_ROWS_PREPACKED", "uniform_plan"]
@@ -34,7 +34,7 @@ __all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_DP", "DECODE_ROWS_PREPACKED", 
 # GEMM is slow on this AMD CPU; F.grouped_mm slower still); bf16 vs F.grouped_mm 1.07x at 4 rows,
 # 0.67x at 8
 DECODE_ROWS = {torch.float32: 64, torch.bfloat16: 4}
-# bf16 where grouped_matvec runs the vdpbf16ps kernel (AVX512_BF16, d_model and d_ff % 32 == 0):
+# bf16 where grouped_matvec runs both matrices through the vdpbf16ps kernel (dp_kernel_applies):
 # Mixtral-shaped block, interleaved, threshold 4 / 8: 16 tokens 9.1 / 7.0 ms, 32 tokens 11.6 /
 # 11.1 ms, 48 tokens 14.4 / 14.8 ms, 128 tokens 21.6 / 21.4 ms (12 or more: slower from 32 tokens)
 DECODE_ROWS_DP = 8
@@ -195,8 +195,7 @@ class Experts(nn.Module):
         # inference: experts with few rows stream their weights once through the numba kernel,
         # the others take a GEMM (prepacked oneDNN weights when enabled)
         limit = (DECODE_ROWS_PREPACKED if self.prepack else DECODE_ROWS)[self.gate_up.dtype]
-        if (not self.prepack and self.gate_up.dtype == torch.bfloat16 and self.d_model % 32 == 0
-                and self.d_ff % 32 == 0 and dp_available()):
+        if not self.prepack and dp_kernel_applies(self.gate_up) and dp_kernel_applies(self.down):
             limit = DECODE_ROWS_DP
         small = [e for e in used if plan.counts_list[e] <= limit]
         big = [e for e in used if plan.counts_list[e] > limit]

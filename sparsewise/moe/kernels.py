@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grouped_matvec", "grouped_nm_matmul", "dp_available", "check_groups", "reference_moe", "ACTIVATIONS", "activate"]
+__all__ = ["grouped_matvec", "grouped_nm_matmul", "dp_available", "dp_kernel_applies", "check_groups", "reference_moe", "ACTIVATIONS", "activate"]
 
 ROWS_PER_TASK = 16  # output rows per parallel task: 16 x C weights, a 64 KB stream at C=1024 fp32
 
@@ -165,6 +165,12 @@ def dp_available() -> bool:
     return {"avx512bw", "avx512_bf16"} <= cpu_flags()
 
 
+def dp_kernel_applies(w: torch.Tensor) -> bool:
+    """True when :func:`grouped_matvec` runs stacked weights ``w`` (E, R, C) through the
+    vdpbf16ps kernel: bf16 weights, C % 32 == 0, AVX-512 BF16."""
+    return w.dtype == torch.bfloat16 and w.shape[-1] % 32 == 0 and dp_available()
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_dp():
     # bf16 weights and bf16 x: vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 lanes per
@@ -293,7 +299,7 @@ def grouped_matvec(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, used
     out = torch.empty(n, r, dtype=torch.float32)
     if n == 0 or not used:
         return out
-    if w.dtype == torch.bfloat16 and c % 32 == 0 and wide_from is None and dp_available():
+    if wide_from is None and dp_kernel_applies(w):
         # bf16 x (exact for a bf16 model's activations; fp32 inputs are rounded, as a bf16
         # model computes them) against bf16 weights, fp32 accumulation
         xb = x.to(torch.bfloat16).contiguous()
