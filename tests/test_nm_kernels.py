@@ -187,3 +187,25 @@ def test_large_weight(dtype):
     x = torch.randn(9, 1024, generator=gen)
     assert_matches_reference(nm_matmul(x, nmt), x, nmt)
     assert_matches_reference(nm_matmul(x, nmt, kernel="generic"), x, nmt, "generic")
+
+
+@needs_dp
+def test_dp_decode_without_vbmi(monkeypatch):
+    # CPUs with AVX512_BF16 but no AVX512_VBMI (Cooper Lake) decode the 2-bit positions with a word
+    # shuffle and shifts instead of vpmultishiftqb: build the kernels as they would, and compare
+    from sparsewise.nm import kernels
+
+    flags = kernels.cpu_flags() - {"avx512vbmi"}
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    _par, ser = kernels._compiled.__wrapped__()["dp"]
+    gen = torch.Generator().manual_seed(5)
+    nmt = NMTensor.from_dense(torch.randn(7, 136, generator=gen).to(torch.bfloat16), 2, 4)
+    vals, idx = kernels._as_kernel_values(nmt.values), nmt.indices.numpy().reshape(-1)
+    for b in (1, 3, 6):
+        x = torch.randn(b, 136, generator=gen).to(torch.bfloat16)
+        xm = x[:, :128].reshape(b, 2, 64).transpose(0, 1).contiguous() if b > 1 else x[:, :128].contiguous()
+        xt = x[:, 128:].float().contiguous().numpy().reshape(-1)
+        y = torch.empty(b, 7)
+        ser(vals, idx, xm.view(torch.int16).numpy().reshape(-1), xt, y.numpy().reshape(-1), 7, 136, b,
+            np.zeros(0, np.float32))
+        assert_matches_reference(y, x, nmt, "dp")

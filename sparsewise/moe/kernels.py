@@ -182,7 +182,7 @@ def _compiled_dp():
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .._intrinsics import bfloat_type
+    from .._intrinsics import bfloat_type, lane_sums
 
     f32, i64 = ir.FloatType(), ir.IntType(64)
     v16f, v32bf = ir.VectorType(f32, 16), ir.VectorType(bfloat_type(), 32)
@@ -199,8 +199,6 @@ def _compiled_dp():
                 xs = args[1:1 + m]
                 dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v32bf, v32bf]),
                                                     "llvm.x86.avx512bf16.dpbf16ps.512")
-                red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, v16f]),
-                                                     "llvm.vector.reduce.fadd.v16f32")
                 accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(m)]
                 nbytes = builder.mul(c_, ir.Constant(i64, 2))
                 with cgutils.for_range_slice(builder, ir.Constant(i64, 0), nbytes, ir.Constant(i64, 64), inc=True) as (o, _):
@@ -208,7 +206,7 @@ def _compiled_dp():
                     for k in range(m):
                         xv = builder.load(builder.inttoptr(builder.add(xs[k], o), v32bf.as_pointer()), align=2)
                         builder.store(builder.call(dp, [builder.load(accs[k]), wv, xv]), accs[k])
-                outs = [builder.call(red, [ir.Constant(f32, 0.0), builder.load(a)]) for a in accs]
+                outs = lane_sums(builder, [builder.load(a) for a in accs])
                 outs += [ir.Constant(f32, 0.0)] * (4 - m)
                 return context.make_tuple(builder, signature.return_type, outs)
 

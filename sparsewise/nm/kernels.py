@@ -65,11 +65,12 @@ def _compiled():
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .._intrinsics import bfloat_type
+    from .._intrinsics import bfloat_type, lane_sums
 
     f32, i16, i32, i64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
     v16f, v16i, v16s = ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(i16, 16)
     v32s, v8q, v32bf = ir.VectorType(i16, 32), ir.VectorType(i64, 8), ir.VectorType(bfloat_type(), 32)
+    v64b = ir.VectorType(ir.IntType(8), 64)
 
     def c64(v):
         return ir.Constant(i64, v)
@@ -129,9 +130,20 @@ def _compiled():
             self.shifts = ir.Constant(v32s, [2 * (j % 8) for j in range(32)])
             self.base = ir.Constant(v32s, [4 * (j // 2) for j in range(32)])
             self.three = ir.Constant(v32s, [3] * 32)
+            self.multishift = None
+            if "avx512vbmi" in cpu_flags():
+                self.multishift = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(v64b, [v64b, v64b]), "llvm.x86.avx512.pmultishift.qb.512")
+                self.ctrl = ir.Constant(v64b, [j if j % 2 == 0 else 0 for j in range(64)])  # byte 2j: bit 2j
 
         def decode(self, builder, mptr, i):
             q = builder.load(builder.bitcast(builder.gep(mptr, [builder.mul(i, c64(8))]), i64.as_pointer()), align=1)
+            if self.multishift is not None:
+                # vpmultishiftqb: word j's low byte <- the 8 bits of q from bit 2j (code j in bits
+                # 0-1); the mask clears the rest of the word and the group base goes in bits 2-5:
+                # 2 vector ops where the word shuffle + variable shift below take 3
+                picked = builder.call(self.multishift, [self.ctrl, builder.bitcast(splat(builder, q, v8q, 8), v64b)])
+                return builder.or_(builder.and_(builder.bitcast(picked, v32s), self.three), self.base)
             halves = builder.bitcast(splat(builder, q, v8q, 8), v32s)
             halves = builder.shuffle_vector(halves, ir.Constant(v32s, ir.Undefined), self.chunk)
             return builder.add(builder.and_(builder.lshr(halves, self.shifts), self.three), self.base)
@@ -178,14 +190,11 @@ def _compiled():
                         for r in range(nr):
                             acc = builder.load(accs[r][b])
                             builder.store(sch.step(builder, acc, ws[r], idxs[r], lo, hi), accs[r][b])
-                for r in range(nr):
-                    for b in range(nb):
-                        acc = builder.load(accs[r][b])
-                        lanes = [builder.extract_element(acc, ir.Constant(i32, k)) for k in range(16)]
-                        while len(lanes) > 1:  # pairwise tree sum of the 16 lanes
-                            lanes = [builder.fadd(lanes[j], lanes[j + 1]) for j in range(0, len(lanes), 2)]
+                for b in range(nb):
+                    sums = lane_sums(builder, [builder.load(accs[r][b]) for r in range(nr)])
+                    for r in range(nr):
                         yp = builder.gep(ybase, [builder.add(builder.add(yoff_, c64(r)), builder.mul(ystride_, c64(b)))])
-                        builder.store(lanes[0], yp)
+                        builder.store(sums[r], yp)
                 return context.get_dummy_value()
 
             return sig, codegen
