@@ -451,6 +451,20 @@ def test_crossover_batch_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert real_crossover_batch(NMTensor.from_dense(torch.randn(8, 32))) == first  # same shape, same key
 
 
+def test_crossover_batch_is_measured_again_for_new_kernels(tmp_path, monkeypatch):
+    # a faster kernel moves the crossover: an entry cached for other kernels is not reused
+    import sparsewise.nm.kernels as kernels
+
+    monkeypatch.setenv("SPARSEWISE_CACHE", str(tmp_path))
+    monkeypatch.setattr(sparsewise.bench, "compare", lambda c, b, **kw: SimpleNamespace(ratio=0.5))
+    nmt, _ = packed(8, 32)
+    assert real_crossover_batch(nmt) == 1
+    monkeypatch.setattr(kernels, "KERNELS_VERSION", kernels.KERNELS_VERSION + 1)
+    monkeypatch.setattr(sparsewise.bench, "compare", lambda c, b, **kw: SimpleNamespace(ratio=3.0))
+    assert real_crossover_batch(nmt) == NEVER
+    assert len(json.loads((tmp_path / "nm_crossover.json").read_text())) == 2
+
+
 def test_crossover_batch_refresh_and_table(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEWISE_CACHE", str(tmp_path))
     calls = []

@@ -25,7 +25,12 @@ import functools
 import numpy as np
 import torch
 
-__all__ = ["cpu_flags", "avx512_available", "nm24_supported", "available_kernels", "nm_matmul", "reference_matmul"]
+# Bump on any change to the kernels' speed: SparseLinear's dispatch crossovers cached on disk are
+# keyed by it (sparsewise.nm.linear), so they are measured again. 2: lane sums in vector ops and
+# the vpmultishiftqb decode (this was 1 implicitly).
+KERNELS_VERSION = 2
+
+__all__ = ["KERNELS_VERSION", "cpu_flags", "avx512_available", "nm24_supported", "available_kernels", "nm_matmul", "reference_matmul"]
 
 
 @functools.lru_cache(maxsize=1)

@@ -46,8 +46,12 @@ class NMConfig:
 def _crossover_key(o: int, k: int, dtype: torch.dtype, n: int, m: int) -> str:
     from ..advisor.probe import machine_info
 
+    from .kernels import KERNELS_VERSION
+
     cpu = machine_info()["cpu_model"]
-    return f"{cpu}|{o}x{k}|{str(dtype).replace('torch.', '')}|{n}:{m}|t{num_threads()}"
+    # the kernels' version is in the key: a faster kernel moves the crossover, so a change to the
+    # kernels measures it again instead of reusing the old one
+    return f"{cpu}|{o}x{k}|{str(dtype).replace('torch.', '')}|{n}:{m}|t{num_threads()}|v{KERNELS_VERSION}"
 
 
 def crossover_batch(weight: NMTensor, *, refresh: bool = False) -> int:
