@@ -39,17 +39,17 @@ class Section:
 STATUS = [
     ("Foundation: package, CLI, machine probe, paired benchmark harness, this report", "works"),
     ("N:M (2:4) weights: masks, packed format, CPU kernels, SparseLinear (sparsewise.nm)",
-     "works on CPU; bf16 at batch 8-32 below target; CUDA path tested on an H100"),
+     "works on CPU; bf16 at batch 8-32 below target (1.6-1.7x / 1.2-1.3x of 2.0x / 1.5x); CUDA path tested on an H100"),
     ("Pruning and recovery: magnitude, Wanda, SparseGPT, masked / SR-STE fine-tuning (sparsewise.nm)",
      "works, with the sparsewise prune CLI; one-shot SparseGPT 2:4 on SmolLM2-135M at 4.84x dense perplexity, "
      "Fashion-MNIST within 0.3 points of dense after fine-tuning"),
     ("Embedding engine: jagged lookups, quantized rows, fused optimizer, DLRM (sparsewise.embedding)",
-     "works on CPU; lookups 1.65-1.79x / 2.52-3.16x / 2.81-4.20x nn.EmbeddingBag (fp32 / bf16 / int8), training 10-13x torch / "
-     "1.3-1.5x FBGEMM (targets 20x / 3x not met); tables larger than RAM, sharding not built yet"),
+     "works on CPU; lookups 1.65-1.79x / 2.52-3.16x / 2.81-4.20x nn.EmbeddingBag (fp32 / bf16 / int8), training 10-12.5x torch / "
+     "1.3-1.6x FBGEMM (targets 20x / 3x not met); tables larger than RAM, sharding not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)",
-     "works on CPU (training and inference), on CUDA through torch ops; experts pruned by prune_; decode 2.4-3.1x "
-     "transformers at 16 tokens fp32; 1-token fp32 and 16-token bf16 (1.69x) on the Mixtral shape, 2:4 and bandwidth "
-     "targets not met"),
+     "works on CPU (training and inference), on CUDA through torch ops; experts pruned by prune_; decode 2.2-3.1x "
+     "transformers at 16 tokens fp32 (2:4 experts 3.5-3.9x); 1-token fp32 and 16-token bf16 (1.37-1.69x) on the Mixtral "
+     "shape, 2:4 elsewhere and bandwidth targets not met"),
     ("Advisor: project each technique on TPUs, GPUs, CPUs", "not built yet"),
 ]
 
