@@ -210,11 +210,11 @@ class EmbeddingBagCollection(nn.Module):
                 s2[t] = _checked_state(mod, names[1], cfg).data_ptr()
         if values.size >= 1 << 32:  # the sort tags each id with its position in 32 bits
             raise ValueError(f"a training batch holds at most 2^32 - 1 ids, got {values.size}; split it")
-        pos, seg, sbag, srow = K.sort_by_row(values, offsets, B, layout.feat_table, self.tab_base, self.total_rows)
+        key, tag, seg = K.sort_by_row(values, offsets, B, layout.feat_table, self.tab_base, self.total_rows)
         self.step += 1
         w = weights if weights is not None else np.empty(0, np.float32)
         K.fused_update(offsets, w, weights is not None, B, layout.feat_table, layout.feat_col, layout.feat_pool,
-                       pos, seg, sbag, srow, grad, argmax, addr, dims, s1, s2, np.int64(opt.kind),
+                       key, tag, seg, self.tab_base, grad, argmax, addr, dims, s1, s2, np.int64(opt.kind),
                        optimizer_hparams(opt, int(self.step)), int(dims.max()), self._update_pf,
                        moved_bytes=int((seg.size - 1) * dims.max() * 4 * (1 + len(opt.states))))
 

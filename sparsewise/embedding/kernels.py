@@ -507,16 +507,14 @@ def _compiled():
             bits += 1
         return bits
 
-    # Sort every id of the batch by its global row (table base + id): returns (pos (nnz,)
-    # positions in sorted order, seg (U+1,) start of each distinct row's run, sbag (nnz,) and
-    # srow (nnz,) the bag and the row of each id in sorted order). O(nnz * passes).
+    # Sort every id of the batch by its global row (table base + id): returns (key (nnz,) the
+    # sorted global rows, tag (nnz,) bag << 32 | position of each, seg (U+1,) start of each distinct
+    # row's run). The sort carries the tag with each key, so the update reads each id's bag, row
+    # and position in sorted order, sequentially (through a permutation it took two dependent
+    # cache misses per distinct row, which it could not overlap: it ran at about half the speed
+    # of a plain read-modify-write of its rows). Callers keep nnz < 2^32. O(nnz * passes).
     @numba.njit(nogil=True, boundscheck=False)
     def sort_by_row(values, offsets, B, feat_table, tab_base, total_rows):
-        # the sort carries (bag << 32 | position) with each key, so the bag and the row of each id
-        # come out in sorted order with no reads through pos: the update reads them sequentially
-        # (through pos it took two dependent cache misses per distinct row, which it could not
-        # overlap: it ran at about half the speed of a plain read-modify-write of its rows).
-        # Callers keep nnz < 2^32.
         nnz = values.shape[0]
         nbags = offsets.shape[0] - 1
         key = np.empty(nnz, np.int64)
@@ -528,27 +526,20 @@ def _compiled():
                 tag[j] = (np.int64(i) << 32) | j
         key, tag = radix_sort(key, tag, bits_for(total_rows))
         seg = np.empty(nnz + 1, np.int64)
-        pos = np.empty(nnz, np.int64)
-        sbag = np.empty(nnz, np.int32)
-        srow = np.empty(nnz, np.int64)
         nseg = 0
         for q in range(nnz):
-            i = tag[q] >> 32
-            pos[q] = tag[q] & 0xFFFFFFFF
-            sbag[q] = i
-            srow[q] = key[q] - tab_base[feat_table[i // B]]
             if q == 0 or key[q] != key[q - 1]:
                 seg[nseg] = q
                 nseg += 1
         seg[nseg] = nnz
-        return pos, seg[:nseg + 1], sbag, srow
+        return key, tag, seg[:nseg + 1]
 
     # One pass over the distinct rows (seg from sort_by_row): sum each row's gradient over its
     # occurrences (per-id weights, 1/L for mean, argmax routing for max) and apply the optimizer
     # in place. kind: 0 SGD, 1 Adagrad, 2 row-wise Adagrad, 3 Adam. tab_s1/tab_s2: addresses of
     # the state tensors (0 when unused). hp float32 = (lr, eps, beta1, beta2, adam_step_size):
     # Adam as torch.optim.SparseAdam, step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t).
-    def fused_update(offsets, weights, has_w, B, feat_table, feat_col, feat_pool, pos, seg, sbag, srow,
+    def fused_update(offsets, weights, has_w, B, feat_table, feat_col, feat_pool, key, tag, seg, tab_base,
                      grad, argmax, tab_addr, tab_dim, tab_s1, tab_s2, kind, hp, max_dim, pf_dist):
         nseg = seg.shape[0] - 1
         nchunks = max(1, min(nseg, 16 * numba.get_num_threads()))
@@ -563,10 +554,10 @@ def _compiled():
                 up = u + pf_dist
                 if up < u1:
                     qp = seg[up]
-                    ip = sbag[qp]
-                    rp = srow[qp]
+                    ip = tag[qp] >> 32
                     fp = ip // B
                     tp = feat_table[fp]
+                    rp = key[qp] - tab_base[tp]
                     rb = tab_dim[tp] * 4
                     prefetch_row(tab_addr[tp] + rp * rb, rb)
                     if kind == 1 or kind == 3:
@@ -579,20 +570,20 @@ def _compiled():
                         prefetch_row(tab_s2[tp] + rp * rb, rb)
                 q0 = seg[u]
                 q1 = seg[u + 1]
-                t = feat_table[sbag[q0] // B]
+                t = feat_table[(tag[q0] >> 32) // B]
                 D = tab_dim[t]
-                r = srow[q0]
+                r = key[q0] - tab_base[t]
                 for d in range(D):
                     g[d] = 0.0
                 for q in range(q0, q1):
-                    i = sbag[q]
+                    i = tag[q] >> 32
                     f = i // B
                     b = i - f * B
                     col = feat_col[f]
                     gr = grad[b, col:col + D]
-                    sc = weights[pos[q]] if has_w else np.float32(1.0)
+                    sc = weights[tag[q] & 0xFFFFFFFF] if has_w else np.float32(1.0)
                     if feat_pool[f] == 2:
-                        j = pos[q]
+                        j = tag[q] & 0xFFFFFFFF
                         am = argmax[b, col:col + D]
                         for d in range(D):
                             if am[d] == j:
