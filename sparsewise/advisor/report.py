@@ -44,8 +44,8 @@ STATUS = [
      "works, with the sparsewise prune CLI; one-shot SparseGPT 2:4 on SmolLM2-135M at 4.84x dense perplexity, "
      "Fashion-MNIST within 0.3 points of dense after fine-tuning"),
     ("Embedding engine: jagged lookups, quantized rows, fused optimizer, DLRM (sparsewise.embedding)",
-     "works on CPU; lookups 1.65-1.79x / 2.52-3.16x / 2.81-4.20x nn.EmbeddingBag (fp32 / bf16 / int8), training 10-12.5x torch / "
-     "1.3-1.6x FBGEMM (targets 20x / 3x not met); tables larger than RAM, sharding not built yet"),
+     "works on CPU; lookups 1.65-1.79x / 2.52-3.37x / 2.81-4.23x nn.EmbeddingBag (fp32 / bf16 / int8), training 10-15.4x torch / "
+     "1.3-1.7x FBGEMM (targets 20x / 3x not met); tables larger than RAM, sharding not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)",
      "works on CPU (training and inference), on CUDA through torch ops; experts pruned by prune_; decode 2.2-3.1x "
      "transformers at 16 tokens fp32 (2:4 experts 3.5-3.9x); 1-token fp32 and 16-token bf16 (1.37-1.69x) on the Mixtral "
