@@ -122,12 +122,14 @@ def test_grouped_matvec_vs_reference(dtype, wide_from):
 
 
 @pytest.mark.skipif(not dp_available(), reason="needs AVX-512 BF16")
-@pytest.mark.parametrize("cols", [32, 96, 1024])
+@pytest.mark.parametrize("cols", [32, 96, 1056, 2816])
 def test_grouped_matvec_bf16_dot_kernel(cols):
-    # bf16 weights, C % 32 == 0: vdpbf16ps on x rounded to bf16; experts with 0-9 rows cover the
-    # 4-token passes and every 1-3 token remainder
+    # bf16 weights, C % 32 == 0: vdpbf16ps on x rounded to bf16. Experts with 0-17 rows cover
+    # every pass width (1-8 tokens, with their accumulator chains), 8 + 1 and 8 + 8 + 1 passes;
+    # 96 and 1056 columns leave 32-value blocks after the chains' round-robin, and 1056 / 2816
+    # columns with 5 or more tokens are cut into input chunks whose sums add up in the output
     torch.manual_seed(cols)
-    counts = [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    counts = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 17]
     w = torch.randn(len(counts), 37, cols).to(torch.bfloat16)
     offsets = torch.tensor([0] + counts).cumsum(0)
     x = torch.randn(int(offsets[-1]), cols)
@@ -264,9 +266,10 @@ def test_bf16_dp_threshold_mixes_kernel_and_grouped_gemm():
         moe.router.weight.zero_()
         for e in range(4):
             moe.router.weight[e, e] = 10.0  # feature e votes for expert e
-    x = 0.01 * torch.randn(15, 64)
-    x[:12, 0], x[:12, 1] = 1.0, 0.5    # 12 tokens to experts 0 and 1
-    x[12:, 2], x[12:, 3] = 1.0, 0.5    # 3 tokens to experts 2 and 3
+    big = experts_mod.DECODE_ROWS_DP + 4
+    x = 0.01 * torch.randn(big + 3, 64)
+    x[:big, 0], x[:big, 1] = 1.0, 0.5    # DECODE_ROWS_DP + 4 tokens to experts 0 and 1
+    x[big:, 2], x[big:, 3] = 1.0, 0.5    # 3 tokens to experts 2 and 3
     x = x.to(torch.bfloat16)
     with torch.no_grad():
         y = moe(x)

@@ -35,9 +35,12 @@ __all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_DP", "DECODE_ROWS_PREPACKED", 
 # 0.67x at 8
 DECODE_ROWS = {torch.float32: 64, torch.bfloat16: 4}
 # bf16 where grouped_matvec runs both matrices through the vdpbf16ps kernel (dp_kernel_applies):
-# Mixtral-shaped block, interleaved, threshold 4 / 8: 16 tokens 9.1 / 7.0 ms, 32 tokens 11.6 /
-# 11.1 ms, 48 tokens 14.4 / 14.8 ms, 128 tokens 21.6 / 21.4 ms (12 or more: slower from 32 tokens)
-DECODE_ROWS_DP = 8
+# since that kernel takes every token of an expert in one pass over its weight rows (up to 8, then
+# passes of 8), it beats F.grouped_mm up to ~24 rows per expert. Whole block, interleaved, on a
+# slow-memory afternoon, threshold 8 / 16 / 24 / 32: Mixtral-shaped 32 tokens 9.8 / 7.7 / 8.1 ms,
+# 48 tokens 13.7 / 10.8 / 10.7 ms, 128 tokens - / 19.9 / 19.4 / 26.2 ms; DeepSeek-shaped
+# 128 tokens - / 24.2 / 19.1 / 20.3 ms
+DECODE_ROWS_DP = 24
 # the same against oneDNN's GEMM on prepacked weights (set_prepack), which reads weights well even
 # at a few rows: kernel 1.59x (fp32) / 1.13x (bf16) at 2 rows, 0.90x / 0.61x at 4
 DECODE_ROWS_PREPACKED = {torch.float32: 2, torch.bfloat16: 2}
