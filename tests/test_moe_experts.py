@@ -3,7 +3,7 @@ import torch
 
 from sparsewise.moe import MoE, RouterConfig, build_plan, grouped_matvec, reference_moe
 from sparsewise.moe import experts as experts_mod
-from sparsewise.moe.kernels import dp_available
+from sparsewise.moe.kernels import activate, decode_swiglu, dp_available
 from sparsewise.nm import NMTensor, is_nm, nm_mask
 
 # awkward sizes: E not a power of two, k=3, dims not multiples of 16, experts left empty
@@ -278,3 +278,55 @@ def test_bf16_dp_threshold_mixes_kernel_and_grouped_gemm():
         assert max(counts) > limit and 0 < min(c for c in counts if c) <= limit, counts
         ref = _naive(moe, x)
     torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.03)
+
+
+# ---------------------------------------------------------------- fused dense decode (decode_swiglu)
+def _unfused_decode(gu, dn, x, plan):
+    used = plan.used_experts()
+    xs = x.index_select(0, plan.token_index)
+    h = grouped_matvec(gu, xs, plan.offsets, used)
+    y = grouped_matvec(dn, activate(h, "swiglu"), plan.offsets, used)
+    out = torch.zeros(x.shape[0], x.shape[1])
+    return out.index_add(0, plan.token_index, y * plan.sorted_weights.unsqueeze(1))
+
+
+@pytest.mark.parametrize("dtype,d,h", [(torch.float32, 36, 20), (torch.float32, 64, 44),
+                                       (torch.bfloat16, 64, 96), (torch.bfloat16, 96, 160)])
+def test_decode_swiglu_matches_the_unfused_steps(dtype, d, h):
+    # bf16 with dims % 32 == 0 take the vdpbf16ps kernel (where the CPU has it) with the SwiGLU
+    # rounded to bf16 in the fused call; fp32 the fp32 kernel; h % 16 != 0 leaves SwiGLU tail lanes
+    torch.manual_seed(d + h)
+    e, t, k = 7, 19, 3
+    gu, dn = torch.randn(e, 2 * h, d).to(dtype), torch.randn(e, d, h).to(dtype)
+    x = torch.randn(t, d).to(dtype)
+    ids = torch.randint(0, e - 1, (t, k))  # expert e-1 receives nothing
+    plan = build_plan(ids, torch.rand(t, k), e)
+    got = decode_swiglu(gu, dn, x, plan.token_index, plan.sorted_weights, plan.offsets, plan.used_experts())
+    want = _unfused_decode(gu, dn, x, plan)
+    torch.testing.assert_close(got, want, atol=1e-3 * d ** 0.5, rtol=1e-3 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_fused_silu_matches_torch_including_non_finite():
+    from sparsewise.moe.kernels import _compiled_decode
+
+    g = torch.cat([torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 87.5, -87.5, 88.5, -88.5, -100.0, 100.0,
+                                 3e38, -3e38, float("inf"), float("-inf"), float("nan")]),
+                   torch.linspace(-120, 120, 24001), 10 * torch.randn(5000)]).float()
+    got = torch.from_numpy(_compiled_decode(False)["silu"](g.numpy()))
+    want = torch.nn.functional.silu(g)
+    torch.testing.assert_close(got, want, atol=1e-35, rtol=4e-7, equal_nan=True)
+
+
+def test_decode_swiglu_rejects_a_broken_plan():
+    gu, dn, x = torch.randn(3, 8, 4), torch.randn(3, 4, 4), torch.randn(2, 4)
+    ti, wt = torch.tensor([0, 1]), torch.ones(2)
+    with pytest.raises(ValueError, match="offsets"):
+        decode_swiglu(gu, dn, x, ti, wt, torch.tensor([0, 2, 1, 2]), [0, 1])
+    with pytest.raises(ValueError, match="offsets"):
+        decode_swiglu(gu, dn, x, ti, wt, torch.tensor([0, 1, 1, 3]), [0, 2])
+    with pytest.raises(ValueError, match="token_index"):
+        decode_swiglu(gu, dn, x, torch.tensor([0, 2]), wt, torch.tensor([0, 1, 2, 2]), [0, 1])
+    with pytest.raises(ValueError, match="used experts"):
+        decode_swiglu(gu, dn, x, ti, wt, torch.tensor([0, 1, 2, 2]), [0, 3])
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_swiglu(gu, torch.randn(3, 4, 5), x, ti, wt, torch.tensor([0, 1, 2, 2]), [0, 1])

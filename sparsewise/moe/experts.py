@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..nm.functional import nm_linear
 from ..nm.tensor import NMTensor
-from .kernels import ACTIVATIONS, activate, dp_kernel_applies, grouped_matvec, grouped_nm_matmul
+from .kernels import ACTIVATIONS, activate, decode_swiglu, dp_kernel_applies, grouped_matvec, grouped_nm_matmul
 from .routing import RoutingPlan
 
 __all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_DP", "DECODE_ROWS_PREPACKED", "uniform_plan"]
@@ -177,14 +177,26 @@ class Experts(nn.Module):
         out = torch.zeros_like(x)
         if not plan.token_index.numel():
             return out + 0.0 * plan.weights.sum().to(x.dtype)  # keep the graph for empty routes
-        xs = x.index_select(0, plan.token_index)
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if (not grad and self.packed is None and self.activation == "swiglu" and x.device.type == "cpu"
+                and self.gate_up.dtype in (torch.float32, torch.bfloat16)
+                and max(plan.counts_list) <= self._decode_limit()):
+            # dense decode: gather, gate+up, SwiGLU, down and the weighted sum in one compiled call
+            return decode_swiglu(self.gate_up, self.down, x, plan.token_index, plan.sorted_weights,
+                                 plan.offsets, plan.used_experts()).to(x.dtype)
+        xs = x.index_select(0, plan.token_index)
         if self.packed is None:
             y = self._dense(xs, plan, grad)
         else:
             y = self._sparse(xs, plan, grad)
         y = y * plan.sorted_weights.unsqueeze(1).to(y.dtype)
         return out.index_add(0, plan.token_index, y.to(x.dtype))
+
+    def _decode_limit(self) -> int:
+        # rows per expert up to which inference takes the weight-streaming kernels
+        if not self.prepack and dp_kernel_applies(self.gate_up) and dp_kernel_applies(self.down):
+            return DECODE_ROWS_DP
+        return (DECODE_ROWS_PREPACKED if self.prepack else DECODE_ROWS)[self.gate_up.dtype]
 
     def _dense(self, xs: torch.Tensor, plan: RoutingPlan, grad: bool) -> torch.Tensor:
         used = plan.used_experts()
@@ -197,9 +209,7 @@ class Experts(nn.Module):
             return torch.cat(outs) if len(outs) > 1 else outs[0]
         # inference: experts with few rows stream their weights once through the numba kernel,
         # the others take a GEMM (prepacked oneDNN weights when enabled)
-        limit = (DECODE_ROWS_PREPACKED if self.prepack else DECODE_ROWS)[self.gate_up.dtype]
-        if not self.prepack and dp_kernel_applies(self.gate_up) and dp_kernel_applies(self.down):
-            limit = DECODE_ROWS_DP
+        limit = self._decode_limit()
         small = [e for e in used if plan.counts_list[e] <= limit]
         big = [e for e in used if plan.counts_list[e] > limit]
         if not big:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grouped_matvec", "grouped_nm_matmul", "dp_available", "dp_kernel_applies", "check_groups", "reference_moe", "ACTIVATIONS", "activate"]
+__all__ = ["decode_swiglu", "grouped_matvec", "grouped_nm_matmul", "dp_available", "dp_kernel_applies", "check_groups", "reference_moe", "ACTIVATIONS", "activate"]
 
 ROWS_PER_TASK = 16  # output rows per parallel task: 16 x C weights, a 64 KB stream at C=1024 fp32
 
@@ -317,6 +317,174 @@ def _compiled_dp():
                         b += m
 
     return matvec_dp
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_decode(dp: bool):
+    # The whole dense decode of a block's experts in one compiled call (gather the routed rows,
+    # gate+up, SwiGLU, down, weighted sum per token). Right after the experts' weights stream
+    # through the caches, each small torch op of the same steps costs 15-200 us (cold code and
+    # data), ~1 ms per 16-token call in all; one call takes them out.
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    f32, i16, i32, i64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+
+    def emit_silu(builder, g, ty, ity):
+        # g * sigmoid(g) on a float or <16 x float>: exp(-g) by range reduction (-g = n ln2 + r,
+        # |r| <= ln2 / 2) and a degree-6 polynomial (the classic single-precision scheme, ~1 ulp),
+        # 2^n built from exponent bits; branch-free. Outside [-88, 3.4e38] the result is
+        # g * (g > 0), as torch gives: -0 below -88, +inf -> inf, -inf and NaN -> NaN.
+        vec = isinstance(ty, ir.VectorType)
+
+        def c(v, t=ty):
+            return ir.Constant(t, [v] * t.count) if vec else ir.Constant(t, v)
+
+        floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty]),
+                                               "llvm.floor.v16f32" if vec else "llvm.floor.f32")
+        t = builder.fsub(c(-0.0), g)
+        t = builder.select(builder.fcmp_ordered("<", t, c(-87.0)), c(-87.0), t)
+        t = builder.select(builder.fcmp_ordered(">", t, c(88.0)), c(88.0), t)
+        n = builder.call(floor, [builder.fadd(builder.fmul(t, c(1.44269504)), c(0.5))])
+        r = builder.fsub(builder.fsub(t, builder.fmul(n, c(0.693359375))), builder.fmul(n, c(-2.12194440e-4)))
+        p = c(1.9875691500e-4)
+        for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            p = builder.fadd(builder.fmul(p, r), c(k))
+        poly = builder.fadd(builder.fadd(builder.fmul(builder.fmul(p, r), r), r), c(1.0))
+        two_n = builder.bitcast(builder.shl(builder.fptosi(builder.fadd(n, c(127.0)), ity), c(23, ity)), ty)
+        fast = builder.fdiv(g, builder.fadd(c(1.0), builder.fmul(poly, two_n)))
+        ok = builder.and_(builder.fcmp_ordered(">=", g, c(-88.0)), builder.fcmp_ordered("<=", g, c(3.4e38)))
+        alt = builder.fmul(g, builder.select(builder.fcmp_ordered(">", g, c(0.0)), c(1.0), c(0.0)))
+        return builder.select(ok, fast, alt)
+
+    def emit_bf16(builder, v, ity, sty):
+        # float32 -> bf16 bits rounded to nearest even, as torch's .to(torch.bfloat16); NaN stays NaN
+        vec = isinstance(ity, ir.VectorType)
+
+        def c(x):
+            return ir.Constant(ity, [x] * ity.count) if vec else ir.Constant(ity, x)
+
+        b = builder.bitcast(v, ity)
+        hi = builder.lshr(b, c(16))
+        rounded = builder.lshr(builder.add(builder.add(b, c(0x7FFF)), builder.and_(hi, c(1))), c(16))
+        nan = builder.fcmp_unordered("uno", v, v)
+        return builder.trunc(builder.select(nan, builder.or_(hi, c(0x40)), rounded), sty)
+
+    def make_swiglu(to_bf16):
+        @intrinsic
+        def swiglu_row(typingctx, gate, up, out, n):
+            # out[j] = silu(gate[j]) * up[j], j < n (addresses of float32 rows; out float32 or
+            # bf16 bits): 16 lanes at a time, then one by one
+            sig = types.void(types.int64, types.int64, types.int64, types.int64)
+
+            def codegen(context, builder, signature, args):
+                gate_, up_, out_, n_ = args
+                lanes = [(ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(i16, 16), 16),
+                         (f32, i32, i16, 1)]
+                main = builder.mul(builder.udiv(n_, ir.Constant(i64, 16)), ir.Constant(i64, 16))
+                for (ty, ity, sty, width), (lo, hi) in zip(lanes, ((ir.Constant(i64, 0), main), (main, n_))):
+                    with cgutils.for_range_slice(builder, lo, hi, ir.Constant(i64, width), inc=True) as (j, _):
+                        off4 = builder.mul(j, ir.Constant(i64, 4))
+                        g = builder.load(builder.inttoptr(builder.add(gate_, off4), ty.as_pointer()), align=4)
+                        u = builder.load(builder.inttoptr(builder.add(up_, off4), ty.as_pointer()), align=4)
+                        v = builder.fmul(emit_silu(builder, g, ty, ity), u)
+                        if to_bf16:
+                            optr = builder.add(out_, builder.mul(j, ir.Constant(i64, 2)))
+                            builder.store(emit_bf16(builder, v, ity, sty), builder.inttoptr(optr, sty.as_pointer()), align=2)
+                        else:
+                            builder.store(v, builder.inttoptr(builder.add(out_, off4), ty.as_pointer()), align=4)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return swiglu_row
+
+    swiglu_row = make_swiglu(dp)
+    swiglu_f32 = make_swiglu(False)
+
+    if dp:
+        matvec_dp = _compiled_dp()
+    else:
+        matvec_f32 = _compiled()
+
+    @numba.njit
+    def run(w, x, offsets, used, out, wide_from):
+        if dp:
+            matvec_dp(w, x, offsets, used, out)
+        else:
+            matvec_f32(w, x, offsets, used, out, wide_from)
+
+    @numba.njit
+    def decode(gate_up, down, x, token_index, weights, offsets, used, wide_from):
+        # gate_up (E, 2H, D), down (E, D, H): bf16 bits (dp) or f32/bf16 bits; x (T, D) bf16 bits
+        # (dp) or f32; token_index, weights (N,) the plan in expert order -> (T, D) f32 with
+        # out[t] = sum over t's rows i of weights[i] * down_e @ swiglu(gate_up_e @ x[t])
+        E, R, D = gate_up.shape
+        H = R // 2
+        T = x.shape[0]
+        N = token_index.shape[0]
+        if offsets.shape[0] != E + 1 or offsets[0] != 0 or offsets[E] != N or weights.shape[0] != N:
+            raise ValueError("plan offsets must rise from 0 to the number of routed rows")
+        for e in range(E):
+            if offsets[e + 1] < offsets[e]:
+                raise ValueError("plan offsets must not decrease")
+        for u in used:
+            if u < 0 or u >= E:
+                raise ValueError("used experts must lie in [0, num_experts)")
+        xs = np.empty((N, D), x.dtype)
+        for i in range(N):
+            t = token_index[i]
+            if t < 0 or t >= T:
+                raise ValueError("plan token_index out of range")
+            xs[i, :] = x[t, :]
+        h = np.empty((N, R), np.float32)
+        run(gate_up, xs, offsets, used, h, wide_from)
+        a = np.empty((N, H), x.dtype)
+        ha, aa = h.ctypes.data, a.ctypes.data
+        for i in range(N):
+            swiglu_row(ha + i * R * 4, ha + (i * R + H) * 4, aa + i * H * a.itemsize, H)
+        y = np.empty((N, D), np.float32)
+        run(down, a, offsets, used, y, wide_from)
+        out = np.zeros((T, D), np.float32)
+        for i in range(N):
+            t = token_index[i]
+            wt = weights[i]
+            for d in range(D):
+                out[t, d] += wt * y[i, d]
+        return out
+
+    @numba.njit
+    def silu_array(g):  # for the tests: silu over a float32 array (times 1: the swiglu row)
+        one = np.ones_like(g)
+        out = np.empty_like(g)
+        swiglu_f32(g.ctypes.data, one.ctypes.data, out.ctypes.data, g.shape[0])
+        return out
+
+    return {"decode": decode, "silu": silu_array}
+
+
+def decode_swiglu(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, token_index: torch.Tensor,
+                  weights: torch.Tensor, offsets: torch.Tensor, used: list[int]) -> torch.Tensor:
+    """Inference decode of dense SwiGLU experts in one compiled call: for each routed row i (in
+    expert order, expert e), ``out[token_index[i]] += weights[i] * down[e] @ swiglu(gate_up[e] @
+    x[token_index[i]])``; (T, D) float32. bf16 weights with AVX-512 BF16 (and D, H % 32 == 0)
+    run the vdpbf16ps kernel on bf16 x and activations, as :func:`grouped_matvec` does; other
+    weights the fp32 kernel. Validates the plan (ValueError) before computing."""
+    e_, r, d = gate_up.shape
+    if r % 2 or down.shape != (e_, d, r // 2) or x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)} and x {tuple(x.shape)} do not fit")
+    dp = dp_kernel_applies(gate_up) and dp_kernel_applies(down)
+    if dp:
+        xv = x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    else:
+        xv = x.to(torch.float32).contiguous().numpy()
+    out = _compiled_decode(dp)["decode"](_weight_array(gate_up.detach()), _weight_array(down.detach()), xv,
+                               token_index.numpy(), weights.to(torch.float32).contiguous().numpy(),
+                               offsets.numpy(), np.asarray(used, dtype=np.int64), WIDE_FROM[gate_up.dtype])
+    return torch.from_numpy(out)
 
 
 def _weight_array(w: torch.Tensor) -> np.ndarray:
