@@ -142,3 +142,25 @@ def test_empty_batch():
     plan = r(torch.randn(0, 8))
     assert plan.counts_list == [0, 0, 0, 0] and plan.token_index.numel() == 0
     assert float(plan.aux_loss.detach()) == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 4), st.integers(0, 40), st.integers(0, 2**31 - 1))
+def test_build_plan_is_a_stable_sort_by_expert(num_experts, k, tokens, seed):
+    # the CPU plan comes from a compiled counting sort: the same as torch's stable sort
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, num_experts, (tokens, k), generator=g)
+    w = torch.rand(tokens, k, generator=g)
+    plan = build_plan(ids, w, num_experts)
+    flat = ids.reshape(-1)
+    slot = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    assert torch.equal(plan.slot, slot) and torch.equal(plan.token_index, slot // k)
+    assert torch.equal(plan.counts, counts) and plan.counts_list == counts.tolist()
+    assert torch.equal(plan.offsets, torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+    torch.testing.assert_close(plan.sorted_weights, w.reshape(-1)[slot])
+    if tokens:
+        bad = ids.clone()
+        bad[-1, -1] = num_experts
+        with pytest.raises(ValueError, match="expert ids must lie"):
+            build_plan(bad, w, num_experts)

@@ -27,6 +27,7 @@ that expert; weights are not renormalised, the residual carries the token).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -140,6 +141,36 @@ def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int
     return (position < capacity).reshape(k, t).T
 
 
+@functools.lru_cache(maxsize=None)
+def _counting_sort():
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def sort(flat, num_experts):
+        # flat (N,) expert ids -> (ok, slot (N,) flat positions in expert order, stable; counts (E,),
+        # offsets (E+1,)); ok False (and nothing else meaningful) when an id is out of range
+        n = flat.shape[0]
+        counts = np.zeros(num_experts, np.int64)
+        offsets = np.zeros(num_experts + 1, np.int64)
+        slot = np.empty(n, np.int64)
+        for i in range(n):
+            e = flat[i]
+            if e < 0 or e >= num_experts:
+                return False, slot, counts, offsets
+            counts[e] += 1
+        for e in range(num_experts):
+            offsets[e + 1] = offsets[e] + counts[e]
+        fill = offsets[:-1].copy()
+        for i in range(n):
+            e = flat[i]
+            slot[fill[e]] = i
+            fill[e] += 1
+        return True, slot, counts, offsets
+
+    return sort
+
+
 def build_plan(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
                capacity_factor: float | None = None) -> RoutingPlan:
     """Sort assignments by expert (stable: token order within an expert), optionally dropping
@@ -150,6 +181,14 @@ def build_plan(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int
                          f"and {tuple(weights.shape)}")
     t, k = expert_ids.shape
     ids = expert_ids.to(torch.int64)
+    if capacity_factor is None and ids.device.type == "cpu" and ids.numel():
+        # one compiled counting sort (stable, as torch.sort(stable=True)) instead of ~10 torch ops:
+        # at decode sizes those cost more than the routing itself
+        ok, slot, counts, offsets = _counting_sort()(ids.reshape(-1).contiguous().numpy(), num_experts)
+        if ok:
+            slot, counts = torch.from_numpy(slot), torch.from_numpy(counts)
+            return RoutingPlan(t, num_experts, k, ids, weights, slot // k, slot, counts, torch.from_numpy(offsets),
+                               counts.tolist())
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
         raise ValueError(f"expert ids must lie in [0, {num_experts}), got [{int(ids.min())}, {int(ids.max())}]")
     flat = ids.reshape(-1)
