@@ -164,3 +164,34 @@ def test_build_plan_is_a_stable_sort_by_expert(num_experts, k, tokens, seed):
         bad[-1, -1] = num_experts
         with pytest.raises(ValueError, match="expert ids must lie"):
             build_plan(bad, w, num_experts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(8, 2, 1, 1), (6, 3, 1, 1), (12, 4, 4, 2), (16, 6, 8, 3), (5, 5, 1, 1)]),
+       st.sampled_from(["softmax", "sigmoid"]), st.booleans(), st.booleans(), st.sampled_from([1.0, 2.5]),
+       st.integers(0, 9), st.integers(0, 2**31 - 1))
+def test_compiled_inference_routing_matches_the_torch_path(shape, scoring, norm, bias, scale, tokens, seed):
+    # without autograd the CPU router scores, selects and plans in one compiled call; with it,
+    # torch ops: the same plan (ties are measure-zero with random logits)
+    e, k, n_group, topk_group = shape
+    cfg = RouterConfig(e, k, scoring=scoring, norm_topk_prob=norm, expert_bias=bias, n_group=n_group,
+                       topk_group=topk_group, routed_scaling_factor=scale)
+    g = torch.Generator().manual_seed(seed)
+    r = Router(8, cfg)
+    if bias:
+        r.expert_bias.copy_(0.3 * torch.randn(e, generator=g))
+    logits = 3 * torch.randn(tokens, e, generator=g)
+    with torch.no_grad():
+        fast = r.plan_from_logits(logits)
+    slow = r.plan_from_logits(logits.clone().requires_grad_())
+    assert torch.equal(fast.expert_ids, slow.expert_ids)
+    torch.testing.assert_close(fast.weights, slow.weights.detach(), rtol=2e-6, atol=1e-7)
+    for name in ("slot", "token_index", "counts", "offsets"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    assert fast.counts_list == slow.counts_list
+
+
+def test_compiled_routing_rejects_non_finite_logits():
+    r = Router(4, RouterConfig(4, 2))
+    with torch.no_grad(), pytest.raises(ValueError, match="NaN or Inf"):
+        r.plan_from_logits(torch.tensor([[0.0, float("nan"), 1.0, 2.0]]))

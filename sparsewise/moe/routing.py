@@ -171,6 +171,98 @@ def _counting_sort():
     return sort
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_route():
+    import math as m
+
+    import numba
+    import numpy as np
+
+    sort = _counting_sort()
+
+    @numba.njit
+    def route(logits, bias, sigmoid, n_group, topk_group, k, norm, scale):
+        # Router.scores + Router.select + build_plan for (T, E) float32 logits, without autograd:
+        # returns (ok, weights (T, k) f32, ids (T, k), slot, counts, offsets); ok False when a
+        # logit is NaN or Inf. Ties pick the lower expert index.
+        t_, e_ = logits.shape
+        weights = np.empty((t_, k), np.float32)
+        ids = np.empty((t_, k), np.int64)
+        for t in range(t_):
+            for e in range(e_):
+                if not m.isfinite(logits[t, e]):
+                    z = np.empty(0, np.int64)
+                    return False, weights, ids, z, z, z
+        scores = np.empty(e_, np.float32)
+        choice = np.empty(e_, np.float32)
+        gsize = e_ // n_group
+        best = np.empty(n_group, np.float32)
+        keep = np.empty(n_group, np.bool_)
+        for t in range(t_):
+            if sigmoid:
+                for e in range(e_):
+                    scores[e] = np.float32(1.0) / (np.float32(1.0) + np.float32(m.exp(-logits[t, e])))
+            else:
+                mx = logits[t, 0]
+                for e in range(1, e_):
+                    mx = max(mx, logits[t, e])
+                tot = np.float32(0.0)
+                for e in range(e_):
+                    scores[e] = np.float32(m.exp(logits[t, e] - mx))
+                    tot += scores[e]
+                for e in range(e_):
+                    scores[e] = scores[e] / tot
+            for e in range(e_):
+                choice[e] = scores[e] + bias[e] if bias.shape[0] else scores[e]
+            if n_group > 1:  # keep the topk_group groups with the largest sum of their top-2 choices
+                for g in range(n_group):
+                    a = -np.inf
+                    b = -np.inf
+                    for e in range(g * gsize, (g + 1) * gsize):
+                        if choice[e] > a:
+                            a, b = choice[e], a
+                        elif choice[e] > b:
+                            b = choice[e]
+                    best[g] = a + b if gsize > 1 else a
+                    keep[g] = False
+                for _ in range(topk_group):
+                    at = -1
+                    for g in range(n_group):
+                        if not keep[g] and (at < 0 or best[g] > best[at]):
+                            at = g
+                    keep[at] = True
+                for e in range(e_):
+                    if not keep[e // gsize]:
+                        choice[e] = -np.inf
+            wsum = np.float32(0.0)
+            for j in range(k):  # top-k by repeated arg-max (E is small)
+                at = -1
+                for e in range(e_):
+                    if (at < 0 or choice[e] > choice[at]) and not (j > 0 and _picked(ids, t, j, e)):
+                        at = e
+                ids[t, j] = at
+                weights[t, j] = scores[at]
+                wsum += scores[at]
+            if norm:
+                wsum = max(wsum, np.float32(1e-20))
+                for j in range(k):
+                    weights[t, j] = weights[t, j] / wsum
+            if scale != 1.0:
+                for j in range(k):
+                    weights[t, j] = weights[t, j] * np.float32(scale)
+        _, slot, counts, offsets = sort(ids.reshape(-1), e_)
+        return True, weights, ids, slot, counts, offsets
+
+    @numba.njit(inline="always")
+    def _picked(ids, t, j, e):
+        for q in range(j):
+            if ids[t, q] == e:
+                return True
+        return False
+
+    return route
+
+
 def build_plan(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
                capacity_factor: float | None = None) -> RoutingPlan:
     """Sort assignments by expert (stable: token order within an expert), optionally dropping
@@ -230,6 +322,9 @@ def router_z_loss(logits: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     return beta * torch.logsumexp(logits.to(torch.float32), dim=-1).square().mean()
 
 
+_NO_BIAS = torch.zeros(0, dtype=torch.float32)
+
+
 class Router(nn.Module):
     """Linear router (E x D weight) producing a :class:`RoutingPlan`.
 
@@ -265,7 +360,7 @@ class Router(nn.Module):
             choice = choice + self.expert_bias
         if cfg.n_group > 1:
             t = choice.shape[0]
-            grouped = choice.reshape(t, cfg.n_group, -1)
+            grouped = choice.reshape(t, cfg.n_group, cfg.num_experts // cfg.n_group)  # (-1 fails at 0 tokens)
             best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)   # (T, G)
             keep = torch.zeros_like(best, dtype=torch.bool)
             keep.scatter_(1, best.topk(cfg.topk_group, dim=-1).indices, True)
@@ -289,6 +384,11 @@ class Router(nn.Module):
         cfg = self.config
         if logits.dim() != 2 or logits.shape[1] != cfg.num_experts:
             raise ValueError(f"router logits must be (tokens, num_experts={cfg.num_experts}), got {tuple(logits.shape)}")
+        if (capacity_factor is None and logits.device.type == "cpu" and cfg.aux_loss_coef == 0
+                and cfg.z_loss_coef == 0 and not (torch.is_grad_enabled() and logits.requires_grad)):
+            # inference: scores, selection and plan in one compiled call (each small torch op costs
+            # tens of microseconds once the experts' weights have streamed through the caches)
+            return self._plan_compiled(logits)
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("router logits contain NaN or Inf (check the input and the router weight)")
         scores = self.scores(logits)
@@ -302,6 +402,21 @@ class Router(nn.Module):
         if self.training and self.expert_bias is not None:
             self._last_counts = torch.bincount(ids.reshape(-1), minlength=cfg.num_experts)
         return plan
+
+    def _plan_compiled(self, logits: torch.Tensor) -> RoutingPlan:
+        cfg = self.config
+        bias = self.expert_bias if self.expert_bias is not None else _NO_BIAS
+        ok, w, ids, slot, counts, offsets = _compiled_route()(
+            logits.detach().to(torch.float32).contiguous().numpy(), bias.detach().numpy(), cfg.scoring == "sigmoid",
+            cfg.n_group, cfg.topk_group, cfg.top_k, cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
+        if not ok:
+            raise ValueError("router logits contain NaN or Inf (check the input and the router weight)")
+        ids, counts = torch.from_numpy(ids), torch.from_numpy(counts)
+        if self.training and self.expert_bias is not None:
+            self._last_counts = counts
+        slot = torch.from_numpy(slot)
+        return RoutingPlan(logits.shape[0], cfg.num_experts, cfg.top_k, ids, torch.from_numpy(w), slot // cfg.top_k,
+                           slot, counts, torch.from_numpy(offsets), counts.tolist())
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor | None = None) -> None:
