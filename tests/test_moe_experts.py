@@ -330,3 +330,31 @@ def test_decode_swiglu_rejects_a_broken_plan():
         decode_swiglu(gu, dn, x, ti, wt, torch.tensor([0, 1, 2, 2]), [0, 3])
     with pytest.raises(ValueError, match="do not fit"):
         decode_swiglu(gu, torch.randn(3, 4, 5), x, ti, wt, torch.tensor([0, 1, 2, 2]), [0, 1])
+
+
+@pytest.mark.parametrize("dtype,d,h", [(torch.float32, 36, 20), (torch.float32, 64, 48),
+                                       (torch.bfloat16, 96, 40), (torch.bfloat16, 128, 192)])
+def test_decode_swiglu_nm_matches_the_unfused_steps(dtype, d, h):
+    # 2:4 experts: "perm" (fp32) or "dp" (bf16, AVX512_BF16) kernels; d=96 / h=40 leave inputs
+    # after the last 64-wide block (all of them for h=40), which the kernels take in fp32
+    from sparsewise.moe.kernels import decode_swiglu_nm, grouped_nm_matmul
+
+    torch.manual_seed(d * h)
+    e, t, k = 5, 11, 2
+    ex = experts_mod.Experts(e, d, h, dtype=dtype).sparsify_()
+    kernel = ex._nm_kernel()
+    if kernel is None:
+        pytest.skip("no AVX-512 2:4 kernel on this CPU")
+    x = torch.randn(t, d).to(dtype)
+    plan = build_plan(torch.randint(0, e - 1, (t, k)), torch.rand(t, k), e)
+    used = plan.used_experts()
+    got = decode_swiglu_nm(ex.gate_up_values, ex.gate_up_indices, ex.down_values, ex.down_indices, x,
+                           plan.token_index, plan.sorted_weights, plan.offsets, used, kernel)
+    xs = x.index_select(0, plan.token_index)
+    hid = grouped_nm_matmul(ex.gate_up_values, ex.gate_up_indices, xs, plan.offsets, used, kernel)
+    y = grouped_nm_matmul(ex.down_values, ex.down_indices, activate(hid, "swiglu"), plan.offsets, used, kernel)
+    want = torch.zeros(t, d).index_add(0, plan.token_index, y * plan.sorted_weights.unsqueeze(1))
+    torch.testing.assert_close(got, want, atol=2e-3 * d ** 0.5, rtol=2e-3 if dtype == torch.bfloat16 else 1e-5)
+    with pytest.raises(ValueError, match="offsets"):
+        decode_swiglu_nm(ex.gate_up_values, ex.gate_up_indices, ex.down_values, ex.down_indices, x,
+                         plan.token_index, plan.sorted_weights, plan.offsets[:-1], used, kernel)

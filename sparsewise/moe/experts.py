@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..nm.functional import nm_linear
 from ..nm.tensor import NMTensor
-from .kernels import ACTIVATIONS, activate, decode_swiglu, dp_kernel_applies, grouped_matvec, grouped_nm_matmul
+from .kernels import ACTIVATIONS, activate, decode_swiglu, decode_swiglu_nm, dp_kernel_applies, grouped_matvec, grouped_nm_matmul
 from .routing import RoutingPlan
 
 __all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_DP", "DECODE_ROWS_PREPACKED", "uniform_plan"]
@@ -184,6 +184,12 @@ class Experts(nn.Module):
             # dense decode: gather, gate+up, SwiGLU, down and the weighted sum in one compiled call
             return decode_swiglu(self.gate_up, self.down, x, plan.token_index, plan.sorted_weights,
                                  plan.offsets, plan.used_experts()).to(x.dtype)
+        if not grad and self.packed is not None and self.activation == "swiglu" and x.device.type == "cpu":
+            kernel = self._nm_kernel()
+            if kernel is not None:  # 2:4 decode and prefill alike: one compiled call
+                return decode_swiglu_nm(self.gate_up_values, self.gate_up_indices, self.down_values,
+                                        self.down_indices, x, plan.token_index, plan.sorted_weights,
+                                        plan.offsets, plan.used_experts(), kernel).to(x.dtype)
         xs = x.index_select(0, plan.token_index)
         if self.packed is None:
             y = self._dense(xs, plan, grad)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["decode_swiglu", "grouped_matvec", "grouped_nm_matmul", "dp_available", "dp_kernel_applies", "check_groups", "reference_moe", "ACTIVATIONS", "activate"]
+__all__ = ["decode_swiglu", "decode_swiglu_nm", "grouped_matvec", "grouped_nm_matmul", "dp_available", "dp_kernel_applies", "check_groups", "reference_moe", "ACTIVATIONS", "activate"]
 
 ROWS_PER_TASK = 16  # output rows per parallel task: 16 x C weights, a 64 KB stream at C=1024 fp32
 
@@ -320,6 +320,48 @@ def _compiled_dp():
 
 
 @functools.lru_cache(maxsize=None)
+def _decode_helpers():
+    # the steps both fused decodes share: plan checks, row gather, weighted sum per token
+    import numba
+
+    @numba.njit
+    def gather_checked(x, token_index, weights, offsets, used):
+        # validate the plan (the kernels index with it and check nothing) and gather x's rows in
+        # expert order
+        e_ = offsets.shape[0] - 1
+        t_ = x.shape[0]
+        n = token_index.shape[0]
+        if offsets[0] != 0 or offsets[e_] != n or weights.shape[0] != n:
+            raise ValueError("plan offsets must rise from 0 to the number of routed rows")
+        for e in range(e_):
+            if offsets[e + 1] < offsets[e]:
+                raise ValueError("plan offsets must not decrease")
+        for u in used:
+            if u < 0 or u >= e_:
+                raise ValueError("used experts must lie in [0, num_experts)")
+        xs = np.empty((n, x.shape[1]), x.dtype)
+        for i in range(n):
+            t = token_index[i]
+            if t < 0 or t >= t_:
+                raise ValueError("plan token_index out of range")
+            xs[i, :] = x[t, :]
+        return xs
+
+    @numba.njit
+    def combine(y, token_index, weights, num_tokens):
+        # out[t] = sum over the rows i of token t of weights[i] * y[i]
+        out = np.zeros((num_tokens, y.shape[1]), np.float32)
+        for i in range(token_index.shape[0]):
+            t = token_index[i]
+            wt = weights[i]
+            for d in range(y.shape[1]):
+                out[t, d] += wt * y[i, d]
+        return out
+
+    return gather_checked, combine
+
+
+@functools.lru_cache(maxsize=None)
 def _compiled_decode(dp: bool):
     # The whole dense decode of a block's experts in one compiled call (gather the routed rows,
     # gate+up, SwiGLU, down, weighted sum per token). Right after the experts' weights stream
@@ -405,6 +447,7 @@ def _compiled_decode(dp: bool):
     swiglu_row = make_swiglu(dp)
     swiglu_f32 = make_swiglu(False)
 
+    gather_checked, combine = _decode_helpers()
     if dp:
         matvec_dp = _compiled_dp()
     else:
@@ -424,37 +467,18 @@ def _compiled_decode(dp: bool):
         # out[t] = sum over t's rows i of weights[i] * down_e @ swiglu(gate_up_e @ x[t])
         E, R, D = gate_up.shape
         H = R // 2
-        T = x.shape[0]
-        N = token_index.shape[0]
-        if offsets.shape[0] != E + 1 or offsets[0] != 0 or offsets[E] != N or weights.shape[0] != N:
-            raise ValueError("plan offsets must rise from 0 to the number of routed rows")
-        for e in range(E):
-            if offsets[e + 1] < offsets[e]:
-                raise ValueError("plan offsets must not decrease")
-        for u in used:
-            if u < 0 or u >= E:
-                raise ValueError("used experts must lie in [0, num_experts)")
-        xs = np.empty((N, D), x.dtype)
-        for i in range(N):
-            t = token_index[i]
-            if t < 0 or t >= T:
-                raise ValueError("plan token_index out of range")
-            xs[i, :] = x[t, :]
-        h = np.empty((N, R), np.float32)
+        if offsets.shape[0] != E + 1:
+            raise ValueError("plan offsets must have num_experts + 1 entries")
+        xs = gather_checked(x, token_index, weights, offsets, used)
+        h = np.empty((xs.shape[0], R), np.float32)
         run(gate_up, xs, offsets, used, h, wide_from)
-        a = np.empty((N, H), x.dtype)
+        a = np.empty((xs.shape[0], H), x.dtype)
         ha, aa = h.ctypes.data, a.ctypes.data
-        for i in range(N):
+        for i in range(xs.shape[0]):
             swiglu_row(ha + i * R * 4, ha + (i * R + H) * 4, aa + i * H * a.itemsize, H)
-        y = np.empty((N, D), np.float32)
+        y = np.empty((xs.shape[0], D), np.float32)
         run(down, a, offsets, used, y, wide_from)
-        out = np.zeros((T, D), np.float32)
-        for i in range(N):
-            t = token_index[i]
-            wt = weights[i]
-            for d in range(D):
-                out[t, d] += wt * y[i, d]
-        return out
+        return combine(y, token_index, weights, x.shape[0])
 
     @numba.njit
     def silu_array(g):  # for the tests: silu over a float32 array (times 1: the swiglu row)
@@ -463,7 +487,7 @@ def _compiled_decode(dp: bool):
         swiglu_f32(g.ctypes.data, one.ctypes.data, out.ctypes.data, g.shape[0])
         return out
 
-    return {"decode": decode, "silu": silu_array}
+    return {"decode": decode, "silu": silu_array, "swiglu_row": swiglu_row}
 
 
 def decode_swiglu(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, token_index: torch.Tensor,
@@ -615,6 +639,89 @@ def _compiled_nm(kernel: str):
                     out[s + b, r0 + o] = y[b * ch + o]
 
     return relayout, grouped, blk
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_decode_nm(kernel: str):
+    # decode_swiglu's one call for 2:4 experts: gather + block-major relayout per expert, the
+    # grouped 2:4 kernel, SwiGLU (rounded to bf16 for "dp"), again for down, weighted sum per token
+    import numba
+
+    relayout, grouped, blk = _compiled_nm(kernel)
+    swiglu_row = _compiled_decode(kernel == "dp")["swiglu_row"]
+    gather_checked, combine = _decode_helpers()
+    dp = kernel == "dp"
+
+    @numba.njit(inline="always")
+    def bf16_f32(v):  # bf16 bits (int16) -> float32
+        return np.array([np.int32(v & 0xFFFF) << 16], np.int32).view(np.float32)[0]
+
+    @numba.njit
+    def prepare(xs, offsets, kmain):
+        # xs (N, K) rows in expert order -> (block-major main part, fp32 tail (N * (K - kmain)))
+        n, k = xs.shape
+        e_ = offsets.shape[0] - 1
+        rows_expert = np.empty(n, np.int64)
+        for e in range(e_):
+            for i in range(offsets[e], offsets[e + 1]):
+                rows_expert[i] = e
+        xb = np.empty(n * kmain, xs.dtype)
+        relayout(xs, rows_expert, offsets, kmain, xb)
+        kt = k - kmain
+        xt = np.empty(n * kt, np.float32)
+        for i in range(n):
+            for j in range(kt):
+                v = xs[i, kmain + j]
+                xt[i * kt + j] = bf16_f32(v) if dp else v
+        return xb, xt
+
+    @numba.njit
+    def decode(gu_vals, gu_meta, dn_vals, dn_meta, x, token_index, weights, offsets, used, R, D, H):
+        xs = gather_checked(x, token_index, weights, offsets, used)
+        n = xs.shape[0]
+        nobias = np.zeros(0, np.float32)
+        kmain = D // blk * blk
+        xb, xt = prepare(xs, offsets, kmain)
+        h = np.empty((n, R), np.float32)
+        grouped(gu_vals, gu_meta, xb, xt, offsets, used, h, R, D, kmain, nobias, NM_ROWS_PER_TASK)
+        a = np.empty((n, H), x.dtype)
+        ha, aa = h.ctypes.data, a.ctypes.data
+        for i in range(n):
+            swiglu_row(ha + i * R * 4, ha + (i * R + H) * 4, aa + i * H * a.itemsize, H)
+        hmain = H // blk * blk
+        ab, at = prepare(a, offsets, hmain)
+        y = np.empty((n, D), np.float32)
+        grouped(dn_vals, dn_meta, ab, at, offsets, used, y, D, H, hmain, nobias, NM_ROWS_PER_TASK)
+        return combine(y, token_index, weights, x.shape[0])
+
+    return decode
+
+
+def decode_swiglu_nm(gate_up_values: torch.Tensor, gate_up_indices: torch.Tensor, down_values: torch.Tensor,
+                     down_indices: torch.Tensor, x: torch.Tensor, token_index: torch.Tensor, weights: torch.Tensor,
+                     offsets: torch.Tensor, used: list[int], kernel: str) -> torch.Tensor:
+    """:func:`decode_swiglu` for experts packed 2:4 (stacked values and index bytes, format of
+    ``sparsewise.nm``): one compiled call through the "dp" (bf16) or "perm" (fp32 x) kernels;
+    (T, D) float32."""
+    from ..nm.kernels import _as_kernel_values
+
+    if kernel not in ("perm", "dp"):
+        raise ValueError(f"kernel must be 'perm' or 'dp', got {kernel!r}")
+    e_, r, dhalf = gate_up_values.shape
+    d, h = dhalf * 2, r // 2
+    if r % 2 or down_values.shape != (e_, d, h // 2) or x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"2:4 gate_up {(e_, r, d)}, down values {tuple(down_values.shape)} and x {tuple(x.shape)} do not fit")
+    if offsets.shape != (e_ + 1,):
+        raise ValueError(f"plan offsets must have {e_ + 1} entries, got {tuple(offsets.shape)}")
+    if kernel == "dp":
+        xv = x.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    else:
+        xv = x.to(torch.float32).contiguous().numpy()
+    out = _compiled_decode_nm(kernel)(
+        _as_kernel_values(gate_up_values.detach()), gate_up_indices.numpy().reshape(-1),
+        _as_kernel_values(down_values.detach()), down_indices.numpy().reshape(-1), xv, token_index.numpy(),
+        weights.to(torch.float32).contiguous().numpy(), offsets.numpy(), np.asarray(used, dtype=np.int64), r, d, h)
+    return torch.from_numpy(out)
 
 
 # (E, R, K/2) kept values, (E, R, ceil(K/8)) uint8 codes, (N, K) rows sorted by expert -> (N, R) f32
