@@ -358,3 +358,27 @@ def test_decode_swiglu_nm_matches_the_unfused_steps(dtype, d, h):
     with pytest.raises(ValueError, match="offsets"):
         decode_swiglu_nm(ex.gate_up_values, ex.gate_up_indices, ex.down_values, ex.down_indices, x,
                          plan.token_index, plan.sorted_weights, plan.offsets[:-1], used, kernel)
+
+
+@pytest.mark.parametrize("weights", ["dense", "2:4"])
+def test_fused_decode_with_large_intermediates(weights):
+    # regression: the fused calls once took a raw address of their local (N, 2H) buffer, which
+    # numba freed right after; above malloc's mmap threshold (12 MB here) that was a segfault
+    from sparsewise.moe.kernels import decode_swiglu_nm
+
+    torch.manual_seed(9)
+    e, d, h, t = 2, 32, 512, 3000
+    ex = experts_mod.Experts(e, d, h)
+    if weights == "2:4":
+        ex.sparsify_()
+    x = torch.randn(t, d)
+    plan = build_plan(torch.randint(0, e, (t, 1)), torch.rand(t, 1), e)
+    with torch.no_grad():
+        got = ex(x, plan) if weights == "dense" else decode_swiglu_nm(
+            ex.gate_up_values, ex.gate_up_indices, ex.down_values, ex.down_indices, x, plan.token_index,
+            plan.sorted_weights, plan.offsets, plan.used_experts(), ex._nm_kernel() or "perm")
+        gu, dn = ex.dense_weights()
+        got_fused = decode_swiglu(gu, dn, x, plan.token_index, plan.sorted_weights, plan.offsets, plan.used_experts())
+    want = _unfused_decode(gu, dn, x, plan)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_fused, want, atol=1e-4, rtol=1e-4)

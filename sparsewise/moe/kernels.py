@@ -447,6 +447,22 @@ def _compiled_decode(dp: bool):
     swiglu_row = make_swiglu(dp)
     swiglu_f32 = make_swiglu(False)
 
+    @numba.njit
+    def swiglu_rows_f32(h, a):
+        n, hh = a.shape
+        for i in range(n):
+            swiglu_f32(h[i].ctypes.data, h[i, hh:].ctypes.data, a[i].ctypes.data, hh)
+
+    @numba.njit
+    def swiglu_rows(h, a):
+        # a[i] = silu(h[i, :H]) * h[i, H:]; h and a are arguments, so the caller's references keep
+        # them alive while their raw addresses are in use (a local array whose last use is taking
+        # its address is freed by numba right after: use-after-free)
+        n, hh = a.shape
+        ha, aa = h.ctypes.data, a.ctypes.data
+        for i in range(n):
+            swiglu_row(ha + i * 2 * hh * 4, ha + (i * 2 * hh + hh) * 4, aa + i * hh * a.itemsize, hh)
+
     gather_checked, combine = _decode_helpers()
     if dp:
         matvec_dp = _compiled_dp()
@@ -473,21 +489,20 @@ def _compiled_decode(dp: bool):
         h = np.empty((xs.shape[0], R), np.float32)
         run(gate_up, xs, offsets, used, h, wide_from)
         a = np.empty((xs.shape[0], H), x.dtype)
-        ha, aa = h.ctypes.data, a.ctypes.data
-        for i in range(xs.shape[0]):
-            swiglu_row(ha + i * R * 4, ha + (i * R + H) * 4, aa + i * H * a.itemsize, H)
+        swiglu_rows(h, a)
         y = np.empty((xs.shape[0], D), np.float32)
         run(down, a, offsets, used, y, wide_from)
         return combine(y, token_index, weights, x.shape[0])
 
     @numba.njit
     def silu_array(g):  # for the tests: silu over a float32 array (times 1: the swiglu row)
-        one = np.ones_like(g)
-        out = np.empty_like(g)
-        swiglu_f32(g.ctypes.data, one.ctypes.data, out.ctypes.data, g.shape[0])
+        h = np.ones(2 * g.shape[0], np.float32)
+        h[:g.shape[0]] = g
+        out = np.empty(g.shape[0], np.float32)
+        swiglu_rows_f32(h.reshape(1, -1), out.reshape(1, -1))
         return out
 
-    return {"decode": decode, "silu": silu_array, "swiglu_row": swiglu_row}
+    return {"decode": decode, "silu": silu_array, "swiglu_rows": swiglu_rows}
 
 
 def decode_swiglu(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, token_index: torch.Tensor,
@@ -648,7 +663,7 @@ def _compiled_decode_nm(kernel: str):
     import numba
 
     relayout, grouped, blk = _compiled_nm(kernel)
-    swiglu_row = _compiled_decode(kernel == "dp")["swiglu_row"]
+    swiglu_rows = _compiled_decode(kernel == "dp")["swiglu_rows"]
     gather_checked, combine = _decode_helpers()
     dp = kernel == "dp"
 
@@ -685,9 +700,7 @@ def _compiled_decode_nm(kernel: str):
         h = np.empty((n, R), np.float32)
         grouped(gu_vals, gu_meta, xb, xt, offsets, used, h, R, D, kmain, nobias, NM_ROWS_PER_TASK)
         a = np.empty((n, H), x.dtype)
-        ha, aa = h.ctypes.data, a.ctypes.data
-        for i in range(n):
-            swiglu_row(ha + i * R * 4, ha + (i * R + H) * 4, aa + i * H * a.itemsize, H)
+        swiglu_rows(h, a)
         hmain = H // blk * blk
         ab, at = prepare(a, offsets, hmain)
         y = np.empty((n, D), np.float32)
