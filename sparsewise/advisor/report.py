@@ -47,9 +47,9 @@ STATUS = [
      "works on CPU; lookups 1.65-1.79x / 2.52-3.37x / 2.81-4.23x nn.EmbeddingBag (fp32 / bf16 / int8), training 10-15.4x torch / "
      "1.3-1.7x FBGEMM (targets 20x / 3x not met); tables larger than RAM, sharding not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)",
-     "works on CPU (training and inference), on CUDA through torch ops; experts pruned by prune_; decode 2.2-3.1x "
-     "transformers at 16 tokens fp32 (2:4 experts 3.5-3.9x); 1-token fp32 and 16-token bf16 (1.37-1.69x) on the Mixtral "
-     "shape, 2:4 elsewhere and bandwidth targets not met"),
+     "works on CPU (training and inference), on CUDA through torch ops; experts pruned by prune_; decode 2.2-3.3x "
+     "transformers at 16 tokens (Mixtral bf16 2.50x), 2:4 experts 3.5-4.7x in fp32 and DeepSeek bf16; 1-token dense "
+     "decode (1.7-1.9x) and Mixtral bf16 2:4 (2.5-2.6x) below target; >= 80% read bandwidth on 7 of 16 decode cells"),
     ("Advisor: project each technique on TPUs, GPUs, CPUs", "not built yet"),
 ]
 
