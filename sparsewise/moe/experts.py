@@ -178,18 +178,17 @@ class Experts(nn.Module):
         if not plan.token_index.numel():
             return out + 0.0 * plan.weights.sum().to(x.dtype)  # keep the graph for empty routes
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if (not grad and self.packed is None and self.activation == "swiglu" and x.device.type == "cpu"
-                and self.gate_up.dtype in (torch.float32, torch.bfloat16)
-                and max(plan.counts_list) <= self._decode_limit()):
-            # dense decode: gather, gate+up, SwiGLU, down and the weighted sum in one compiled call
-            return decode_swiglu(self.gate_up, self.down, x, plan.token_index, plan.sorted_weights,
-                                 plan.offsets, plan.used_experts()).to(x.dtype)
-        if not grad and self.packed is not None and self.activation == "swiglu" and x.device.type == "cpu":
-            kernel = self._nm_kernel()
-            if kernel is not None:  # 2:4 decode and prefill alike: one compiled call
+        if not grad and self.activation == "swiglu" and x.device.type == "cpu":
+            # inference: gather, gate+up, SwiGLU, down and the weighted sum in one compiled call
+            # (dense: decode sizes; 2:4: every size)
+            plan_args = (x, plan.token_index, plan.sorted_weights, plan.offsets, plan.used_experts())
+            if (self.packed is None and self.gate_up.dtype in (torch.float32, torch.bfloat16)
+                    and max(plan.counts_list) <= self._decode_limit()):
+                return decode_swiglu(self.gate_up, self.down, *plan_args).to(x.dtype)
+            kernel = self._nm_kernel() if self.packed is not None else None
+            if kernel is not None:
                 return decode_swiglu_nm(self.gate_up_values, self.gate_up_indices, self.down_values,
-                                        self.down_indices, x, plan.token_index, plan.sorted_weights,
-                                        plan.offsets, plan.used_experts(), kernel).to(x.dtype)
+                                        self.down_indices, *plan_args, kernel).to(x.dtype)
         xs = x.index_select(0, plan.token_index)
         if self.packed is None:
             y = self._dense(xs, plan, grad)

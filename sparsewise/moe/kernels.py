@@ -325,12 +325,14 @@ def _decode_helpers():
     import numba
 
     @numba.njit
-    def gather_checked(x, token_index, weights, offsets, used):
+    def gather_checked(x, token_index, weights, offsets, used, num_experts):
         # validate the plan (the kernels index with it and check nothing) and gather x's rows in
         # expert order
-        e_ = offsets.shape[0] - 1
+        e_ = num_experts
         t_ = x.shape[0]
         n = token_index.shape[0]
+        if offsets.shape[0] != e_ + 1:
+            raise ValueError("plan offsets must have num_experts + 1 entries")
         if offsets[0] != 0 or offsets[e_] != n or weights.shape[0] != n:
             raise ValueError("plan offsets must rise from 0 to the number of routed rows")
         for e in range(e_):
@@ -445,13 +447,6 @@ def _compiled_decode(dp: bool):
         return swiglu_row
 
     swiglu_row = make_swiglu(dp)
-    swiglu_f32 = make_swiglu(False)
-
-    @numba.njit
-    def swiglu_rows_f32(h, a):
-        n, hh = a.shape
-        for i in range(n):
-            swiglu_f32(h[i].ctypes.data, h[i, hh:].ctypes.data, a[i].ctypes.data, hh)
 
     @numba.njit
     def swiglu_rows(h, a):
@@ -483,9 +478,7 @@ def _compiled_decode(dp: bool):
         # out[t] = sum over t's rows i of weights[i] * down_e @ swiglu(gate_up_e @ x[t])
         E, R, D = gate_up.shape
         H = R // 2
-        if offsets.shape[0] != E + 1:
-            raise ValueError("plan offsets must have num_experts + 1 entries")
-        xs = gather_checked(x, token_index, weights, offsets, used)
+        xs = gather_checked(x, token_index, weights, offsets, used, E)
         h = np.empty((xs.shape[0], R), np.float32)
         run(gate_up, xs, offsets, used, h, wide_from)
         a = np.empty((xs.shape[0], H), x.dtype)
@@ -494,15 +487,7 @@ def _compiled_decode(dp: bool):
         run(down, a, offsets, used, y, wide_from)
         return combine(y, token_index, weights, x.shape[0])
 
-    @numba.njit
-    def silu_array(g):  # for the tests: silu over a float32 array (times 1: the swiglu row)
-        h = np.ones(2 * g.shape[0], np.float32)
-        h[:g.shape[0]] = g
-        out = np.empty(g.shape[0], np.float32)
-        swiglu_rows_f32(h.reshape(1, -1), out.reshape(1, -1))
-        return out
-
-    return {"decode": decode, "silu": silu_array, "swiglu_rows": swiglu_rows}
+    return {"decode": decode, "swiglu_rows": swiglu_rows}
 
 
 def decode_swiglu(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, token_index: torch.Tensor,
@@ -667,10 +652,6 @@ def _compiled_decode_nm(kernel: str):
     gather_checked, combine = _decode_helpers()
     dp = kernel == "dp"
 
-    @numba.njit(inline="always")
-    def bf16_f32(v):  # bf16 bits (int16) -> float32
-        return np.array([np.int32(v & 0xFFFF) << 16], np.int32).view(np.float32)[0]
-
     @numba.njit
     def prepare(xs, offsets, kmain):
         # xs (N, K) rows in expert order -> (block-major main part, fp32 tail (N * (K - kmain)))
@@ -683,16 +664,19 @@ def _compiled_decode_nm(kernel: str):
         xb = np.empty(n * kmain, xs.dtype)
         relayout(xs, rows_expert, offsets, kmain, xb)
         kt = k - kmain
-        xt = np.empty(n * kt, np.float32)
+        bits = np.empty(n * kt, np.int32)  # bf16 bits are the high half of the fp32 bits
+        xt = bits.view(np.float32)
         for i in range(n):
             for j in range(kt):
-                v = xs[i, kmain + j]
-                xt[i * kt + j] = bf16_f32(v) if dp else v
+                if dp:
+                    bits[i * kt + j] = (np.int32(xs[i, kmain + j]) & 0xFFFF) << 16
+                else:
+                    xt[i * kt + j] = xs[i, kmain + j]
         return xb, xt
 
     @numba.njit
-    def decode(gu_vals, gu_meta, dn_vals, dn_meta, x, token_index, weights, offsets, used, R, D, H):
-        xs = gather_checked(x, token_index, weights, offsets, used)
+    def decode(gu_vals, gu_meta, dn_vals, dn_meta, x, token_index, weights, offsets, used, E, R, D, H):
+        xs = gather_checked(x, token_index, weights, offsets, used, E)
         n = xs.shape[0]
         nobias = np.zeros(0, np.float32)
         kmain = D // blk * blk
@@ -724,8 +708,6 @@ def decode_swiglu_nm(gate_up_values: torch.Tensor, gate_up_indices: torch.Tensor
     d, h = dhalf * 2, r // 2
     if r % 2 or down_values.shape != (e_, d, h // 2) or x.dim() != 2 or x.shape[1] != d:
         raise ValueError(f"2:4 gate_up {(e_, r, d)}, down values {tuple(down_values.shape)} and x {tuple(x.shape)} do not fit")
-    if offsets.shape != (e_ + 1,):
-        raise ValueError(f"plan offsets must have {e_ + 1} entries, got {tuple(offsets.shape)}")
     if kernel == "dp":
         xv = x.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
     else:
@@ -733,7 +715,7 @@ def decode_swiglu_nm(gate_up_values: torch.Tensor, gate_up_indices: torch.Tensor
     out = _compiled_decode_nm(kernel)(
         _as_kernel_values(gate_up_values.detach()), gate_up_indices.numpy().reshape(-1),
         _as_kernel_values(down_values.detach()), down_indices.numpy().reshape(-1), xv, token_index.numpy(),
-        weights.to(torch.float32).contiguous().numpy(), offsets.numpy(), np.asarray(used, dtype=np.int64), r, d, h)
+        weights.to(torch.float32).contiguous().numpy(), offsets.numpy(), np.asarray(used, dtype=np.int64), e_, r, d, h)
     return torch.from_numpy(out)
 
 
