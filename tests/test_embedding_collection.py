@@ -309,3 +309,57 @@ def test_register_accumulated_fp32_path(dim, pooling, weighted):
     for dtype in ("bf16", "fp16", "int8"):  # each storage type has its own register loop
         q = ebc.quantize(dtype)
         torch.testing.assert_close(q(kj).values, q(kj, backend="reference").values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opt", OPTS, ids=lambda o: type(o).__name__)
+def test_register_fused_update_matches_reference(opt):
+    # dims % 16 == 0 up to 128 update in vector registers (sum and mean features, shared tables,
+    # per-id weights); 160 and 5 take the generic path in the same call
+    rng = np.random.default_rng(7)
+    cfgs = [TableConfig("a", 60, 16, ("x", "y"), pooling="mean", init="normal"),
+            TableConfig("b", 40, 128, ("z",), init="normal"),
+            TableConfig("c", 30, 48, ("u",), init="normal"),
+            TableConfig("d", 20, 160, ("v",), init="normal"),
+            TableConfig("e", 10, 5, ("w",), pooling="mean", init="normal")]
+    rows = {"x": 60, "y": 60, "z": 40, "u": 30, "v": 20, "w": 10}
+    ebc = EmbeddingBagCollection(cfgs, optimizer=opt, backend="kernel")
+    ws = [w.clone() for w in ebc.weights()]
+    states = [{k: v.clone() for k, v in ebc.optimizer_state(t.name).items()} for t in ebc.tables]
+    for step in range(1, 4):
+        kj = _batch(rng, rows, 11, max_len=7, weighted=step != 2)
+        out = ebc(kj)
+        g = torch.from_numpy(rng.standard_normal(out.values.shape).astype(np.float32))
+        (out.values * g).sum().backward()
+        reference_step(ebc.tables, ws, states, opt, kj, g, step)
+        for t, cfg in enumerate(ebc.tables):
+            torch.testing.assert_close(ebc.weights()[t], ws[t], rtol=1e-4, atol=1e-5)
+            for name, s in ebc.optimizer_state(cfg.name).items():
+                torch.testing.assert_close(s, states[t][name], rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_sort_by_row_serial_and_parallel_match_a_stable_sort(data):
+    from sparsewise.embedding import kernels as K
+
+    nfeat = data.draw(st.integers(1, 3), label="features")
+    B = data.draw(st.integers(1, 700), label="B")
+    rows = data.draw(st.lists(st.integers(1, 5000), min_size=nfeat, max_size=nfeat), label="rows per table")
+    seed = data.draw(st.integers(0, 2 ** 31), label="seed")
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(0, 40, nfeat * B)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    feat_table = np.arange(nfeat, dtype=np.int64)
+    tab_base = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+    values = np.concatenate([rng.integers(0, rows[i // B], lens[i]) for i in range(nfeat * B)] + [np.zeros(0, np.int64)])
+    values = values.astype(np.int64)
+    gkey = tab_base[np.repeat(np.arange(nfeat * B) // B, lens)] + values
+    order = np.argsort(gkey, kind="stable")
+    bag = np.repeat(np.arange(nfeat * B), lens)
+    for kern in K._compiled()["sort_by_row"]:  # parallel, serial
+        key, tag, seg = kern(values, offsets, B, feat_table, tab_base, int(sum(rows)))
+        np.testing.assert_array_equal(key, gkey[order])
+        np.testing.assert_array_equal(tag & 0xFFFFFFFF, order)
+        np.testing.assert_array_equal(tag >> 32, bag[order])
+        starts = np.flatnonzero(np.r_[True, gkey[order][1:] != gkey[order][:-1]]) if values.size else np.zeros(0, int)
+        np.testing.assert_array_equal(seg, np.r_[starts, values.size])

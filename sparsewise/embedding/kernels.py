@@ -26,9 +26,9 @@ import functools
 
 import numpy as np
 
-from .._intrinsics import emit_prefetch_l2, prefetch_row as _prefetch_row
+from .._intrinsics import emit_prefetch_l2, lane_sums, prefetch_row as _prefetch_row
 
-__all__ = ["pooled_forward", "pooled_forward_dedup", "check_ids", "sort_by_row", "fused_update", "DTYPE_CODES", "POOL_CODES"]
+__all__ = ["pooled_forward", "pooled_forward_dedup", "check_ids", "sort_by_row", "fused_update", "all_finite", "DTYPE_CODES", "POOL_CODES"]
 
 DTYPE_CODES = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3}
 POOL_CODES = {"sum": 0, "mean": 1, "max": 2}
@@ -211,6 +211,125 @@ def _compiled():
     # (kind, nv) -> intrinsic: nv = 8 (128 columns a pass) and the remainders 1-7
     BAGS = {(kind, nv): make_bag(nv, kind) for kind in range(4) for nv in range(1, 9)}
 
+    def make_update_row(nv, kind):
+        """An intrinsic applying optimizer ``kind`` (0 SGD, 1 Adagrad, 2 row-wise Adagrad, 3 Adam)
+        to one row of 16*nv fp32 columns at ``waddr`` whose occurrences are q0..q1-1 of the sorted
+        ids: g = sum over them of scale * the gradient row of its bag (scale: the id's weight if
+        has_w, times 1/len for mean bags). g and the optimizer arithmetic stay in vector registers
+        (through a (D,) array numba loads and stores every vector twice: the update ran at 1.6x
+        the read-modify-write floor of its rows). The same operations, in the same order per
+        column, as the generic path of fused_update; sum and mean features only."""
+
+        @intrinsic
+        def update_row(typingctx, tag, q0, q1, B, feat_col, feat_pool, offsets, weights, has_w, gaddr, gstride,
+                       waddr, s1addr, s2addr, hp):
+            sig = types.void(tag, q0, q1, B, feat_col, feat_pool, offsets, weights, has_w, gaddr, gstride,
+                             waddr, s1addr, s2addr, hp)
+
+            def codegen(context, builder, signature, args):
+                i64 = ir.IntType(64)
+
+                def arr(k):
+                    return context.make_array(signature.args[k])(context, builder, args[k]).data
+
+                def c64(v):
+                    return ir.Constant(i64, v)
+
+                def as64(k):
+                    return context.cast(builder, args[k], signature.args[k], types.int64)
+
+                def load(ptr, idx):
+                    return builder.load(builder.gep(ptr, [idx]))
+
+                def splat(x):
+                    v = builder.insert_element(ir.Constant(v16f, ir.Undefined), x, ir.Constant(i32, 0))
+                    return builder.shuffle_vector(v, ir.Constant(v16f, ir.Undefined), ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+
+                def vptr(addr, k):
+                    return builder.inttoptr(builder.add(addr, c64(64 * k)), v16f.as_pointer())
+
+                tagp, colp, poolp, offp, wtp, hpp = arr(0), arr(4), arr(5), arr(6), arr(7), arr(14)
+                q0_, q1_, B_, hasw_, gaddr_, gstr_, waddr_, s1_, s2_ = (as64(k) for k in (1, 2, 3, 8, 9, 10, 11, 12, 13))
+                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
+                vsqrt = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f]), "llvm.sqrt.v16f32")
+                ssqrt = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32]), "llvm.sqrt.f32")
+                zeros = ir.Constant(v16f, [0.0] * 16)
+                one = ir.Constant(f32, 1.0)
+                accs = [cgutils.alloca_once_value(builder, zeros) for _ in range(nv)]
+                for a in accs:
+                    builder.store(zeros, a)
+                fslot = cgutils.alloca_once_value(builder, c64(0))
+                scslot = cgutils.alloca_once_value(builder, one)
+                hasw = builder.icmp_unsigned("!=", hasw_, c64(0))
+                with cgutils.for_range_slice(builder, q0_, q1_, c64(1), inc=True) as (q, _):
+                    t = load(tagp, q)
+                    i = builder.ashr(t, c64(32))
+                    j = builder.and_(t, c64(0xFFFFFFFF))
+                    builder.store(c64(0), fslot)
+                    with builder.if_then(builder.icmp_signed(">=", i, B_), likely=False):
+                        builder.store(builder.sdiv(i, B_), fslot)
+                    f = builder.load(fslot)
+                    b = builder.sub(i, builder.mul(f, B_))
+                    col = load(colp, f)
+                    builder.store(one, scslot)
+                    with builder.if_then(hasw):
+                        builder.store(load(wtp, j), scslot)
+                    with builder.if_then(builder.icmp_signed("==", load(poolp, f), c64(1))):
+                        n = builder.sitofp(builder.sub(load(offp, builder.add(i, c64(1))), load(offp, i)), f32)
+                        builder.store(builder.fdiv(builder.load(scslot), n), scslot)
+                    sc = builder.load(scslot)
+                    row = builder.add(gaddr_, builder.mul(builder.add(builder.mul(b, gstr_), col), c64(4)))
+                    s = splat(sc)
+                    for k in range(nv):
+                        g = builder.load(vptr(row, k), align=4)
+                        builder.store(builder.call(fma, [s, g, builder.load(accs[k])]), accs[k])
+                lr, eps, b1, b2, astep = (load(hpp, ir.Constant(i32, k)) for k in range(5))
+                gs = [builder.load(a) for a in accs]
+                ws = [builder.load(vptr(waddr_, k), align=4) for k in range(nv)]
+                if kind == 0:
+                    new = [builder.fsub(w, builder.fmul(splat(lr), g)) for w, g in zip(ws, gs)]
+                elif kind == 1:
+                    new = []
+                    for k, (w, g) in enumerate(zip(ws, gs)):
+                        sp = vptr(s1_, k)
+                        sv = builder.fadd(builder.load(sp, align=4), builder.fmul(g, g))
+                        builder.store(sv, sp, align=4)
+                        den = builder.fadd(builder.call(vsqrt, [sv]), splat(eps))
+                        new.append(builder.fsub(w, builder.fdiv(builder.fmul(splat(lr), g), den)))
+                elif kind == 2:
+                    sq = builder.fmul(gs[0], gs[0])
+                    for g in gs[1:]:
+                        sq = builder.call(fma, [g, g, sq])
+                    tot = lane_sums(builder, [sq])[0]
+                    sp = builder.inttoptr(s1_, f32.as_pointer())
+                    sv = builder.fadd(builder.load(sp, align=4), builder.fdiv(tot, ir.Constant(f32, float(16 * nv))))
+                    builder.store(sv, sp, align=4)
+                    step = splat(builder.fdiv(lr, builder.fadd(builder.call(ssqrt, [sv]), eps)))
+                    new = [builder.fsub(w, builder.fmul(step, g)) for w, g in zip(ws, gs)]
+                else:
+                    new = []
+                    c1 = splat(builder.fsub(one, b1))
+                    c2 = splat(builder.fsub(one, b2))
+                    for k, (w, g) in enumerate(zip(ws, gs)):
+                        mp, vp = vptr(s1_, k), vptr(s2_, k)
+                        m = builder.load(mp, align=4)
+                        v = builder.load(vp, align=4)
+                        m = builder.fadd(m, builder.fmul(builder.fsub(g, m), c1))
+                        v = builder.fadd(v, builder.fmul(builder.fsub(builder.fmul(g, g), v), c2))
+                        builder.store(m, mp, align=4)
+                        builder.store(v, vp, align=4)
+                        den = builder.fadd(builder.call(vsqrt, [v]), splat(eps))
+                        new.append(builder.fsub(w, builder.fdiv(builder.fmul(splat(astep), m), den)))
+                for k, w in enumerate(new):
+                    builder.store(w, vptr(waddr_, k), align=4)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return update_row
+
+    UPDATES = {(kind, nv): make_update_row(nv, kind) for kind in range(4) for nv in range(1, 9)}
+
     @intrinsic
     def bf16_to_f32(typingctx, bits):
         sig = types.float32(types.uint16)
@@ -297,6 +416,17 @@ def _compiled():
     scope = {f"B_{k}_{n}": f for (k, n), f in BAGS.items()}
     exec("\n".join(src), scope)
     reg_bag = njit(inline="always")(scope["reg_bag"])
+
+    src = ["def reg_update(kind, nv, tag, q0, q1, B, feat_col, feat_pool, offsets, weights, has_w, gaddr, gstride,"
+           "               waddr, s1addr, s2addr, hp):"]
+    for kind in range(4):
+        for nv in range(1, 9):
+            src.append(f"    {'if' if (kind, nv) == (0, 1) else 'elif'} kind == {kind} and nv == {nv}:")
+            src.append(f"        U_{kind}_{nv}(tag, q0, q1, B, feat_col, feat_pool, offsets, weights, has_w, gaddr, gstride, "
+                       "waddr, s1addr, s2addr, hp)")
+    scope = {f"U_{k}_{n}": f for (k, n), f in UPDATES.items()}
+    exec("\n".join(src), scope)
+    reg_update = njit(inline="always")(scope["reg_update"])
 
     @njit(inline="always")
     def pool_bags_reg(values, offsets, i0, i1, base, stride, D, kind, weights, has_w, outaddr, ostride, pf_dist,
@@ -513,26 +643,72 @@ def _compiled():
     # and position in sorted order, sequentially (through a permutation it took two dependent
     # cache misses per distinct row, which it could not overlap: it ran at about half the speed
     # of a plain read-modify-write of its rows). Callers keep nnz < 2^32. O(nnz * passes).
-    @numba.njit(nogil=True, boundscheck=False)
+    # Every phase runs on all threads (chunks of the ids in order, so the LSD sort stays stable):
+    # serial, it ran at half speed or worse right after a parallel kernel, while the other
+    # thread of the pool still spins on the same core pair (measured 2.5-3.2 ms vs 1.3 ms).
     def sort_by_row(values, offsets, B, feat_table, tab_base, total_rows):
         nnz = values.shape[0]
         nbags = offsets.shape[0] - 1
+        nch = max(1, min(nnz // 4096, 2 * numba.get_num_threads()))
         key = np.empty(nnz, np.int64)
         tag = np.empty(nnz, np.int64)
-        for i in range(nbags):
-            base = tab_base[feat_table[i // B]]
-            for j in range(offsets[i], offsets[i + 1]):
-                key[j] = base + values[j]
-                tag[j] = (np.int64(i) << 32) | j
-        key, tag = radix_sort(key, tag, bits_for(total_rows))
-        seg = np.empty(nnz + 1, np.int64)
-        nseg = 0
-        for q in range(nnz):
-            if q == 0 or key[q] != key[q - 1]:
-                seg[nseg] = q
-                nseg += 1
-        seg[nseg] = nnz
-        return key, tag, seg[:nseg + 1]
+        for c in numba.prange(nch):
+            for i in range(c * nbags // nch, (c + 1) * nbags // nch):
+                base = tab_base[feat_table[0 if i < B else i // B]]
+                for j in range(offsets[i], offsets[i + 1]):
+                    key[j] = base + values[j]
+                    tag[j] = (np.int64(i) << 32) | j
+        bits = bits_for(total_rows)
+        passes = max(1, (bits + 10) // 11)  # digits of up to 11 bits: 16 KB of counts stay in L1
+        digit = (bits + passes - 1) // passes
+        nd = np.int64(1) << digit
+        mask = nd - 1
+        key2 = np.empty(nnz, np.int64)
+        tag2 = np.empty(nnz, np.int64)
+        count = np.zeros((nch, nd), np.int64)
+        shift = 0
+        for _ in range(passes):
+            for c in numba.prange(nch):
+                cnt = count[c]
+                cnt[:] = 0
+                for q in range(c * nnz // nch, (c + 1) * nnz // nch):
+                    cnt[(key[q] >> shift) & mask] += 1
+            run = 0  # exclusive prefix, digit-major then chunk: chunk c's digit d goes after chunk c-1's
+            for d in range(nd):
+                for c in range(nch):
+                    n = count[c, d]
+                    count[c, d] = run
+                    run += n
+            for c in numba.prange(nch):
+                cnt = count[c]
+                for q in range(c * nnz // nch, (c + 1) * nnz // nch):
+                    d = (key[q] >> shift) & mask
+                    at = cnt[d]
+                    cnt[d] = at + 1
+                    key2[at] = key[q]
+                    tag2[at] = tag[q]
+            key, key2 = key2, key
+            tag, tag2 = tag2, tag
+            shift += digit
+        # run starts: count them per chunk, then each chunk writes its own at its offset
+        starts = np.zeros(nch + 1, np.int64)
+        for c in numba.prange(nch):
+            s = 0
+            for q in range(c * nnz // nch, (c + 1) * nnz // nch):
+                if q == 0 or key[q] != key[q - 1]:
+                    s += 1
+            starts[c + 1] = s
+        for c in range(nch):
+            starts[c + 1] += starts[c]
+        seg = np.empty(starts[nch] + 1, np.int64)
+        for c in numba.prange(nch):
+            at = starts[c]
+            for q in range(c * nnz // nch, (c + 1) * nnz // nch):
+                if q == 0 or key[q] != key[q - 1]:
+                    seg[at] = q
+                    at += 1
+        seg[starts[nch]] = nnz
+        return key, tag, seg
 
     # One pass over the distinct rows (seg from sort_by_row): sum each row's gradient over its
     # occurrences (per-id weights, 1/L for mean, argmax routing for max) and apply the optimizer
@@ -546,6 +722,10 @@ def _compiled():
         lr, eps, b1, b2, adam_step = hp[0], hp[1], hp[2], hp[3], hp[4]
         grad_addr = grad.ctypes.data
         gstride = grad.shape[1]
+        reg = True  # no max-pooled feature: the register path serves every row of dims % 16 == 0, <= 128
+        for f in range(feat_pool.shape[0]):
+            if feat_pool[f] == 2:
+                reg = False
         for c in numba.prange(nchunks):
             g = np.empty(max_dim, np.float32)
             u1 = (c + 1) * nseg // nchunks
@@ -555,7 +735,7 @@ def _compiled():
                 if up < u1:
                     qp = seg[up]
                     ip = tag[qp] >> 32
-                    fp = ip // B
+                    fp = 0 if ip < B else ip // B  # one feature: no division per row
                     tp = feat_table[fp]
                     rp = key[qp] - tab_base[tp]
                     rb = tab_dim[tp] * 4
@@ -570,9 +750,15 @@ def _compiled():
                         prefetch_row(tab_s2[tp] + rp * rb, rb)
                 q0 = seg[u]
                 q1 = seg[u + 1]
-                t = feat_table[(tag[q0] >> 32) // B]
+                i = tag[q0] >> 32
+                t = feat_table[0 if i < B else i // B]
                 D = tab_dim[t]
                 r = key[q0] - tab_base[t]
+                if reg and D % 16 == 0 and D <= 128:  # the common case, in vector registers
+                    reg_update(kind, D // 16, tag, q0, q1, B, feat_col, feat_pool, offsets, weights, has_w, grad_addr,
+                               gstride, tab_addr[t] + r * D * 4, tab_s1[t] + r * (4 if kind == 2 else D * 4),
+                               tab_s2[t] + r * D * 4, hp)
+                    continue
                 for d in range(D):
                     g[d] = 0.0
                 for q in range(q0, q1):
@@ -619,6 +805,21 @@ def _compiled():
                         v[d] += (g[d] * g[d] - v[d]) * (np.float32(1.0) - b2)
                         w[d] -= adam_step * m[d] / (np.sqrt(v[d]) + eps)
 
+    # True when every value of x (flat float32) is finite: v - v is 0 for finite v and NaN for
+    # NaN or +-Inf, and a NaN survives any sum. 'reassoc' alone lets LLVM vectorise the sum
+    # without assuming finite values (it cannot fold v - v). torch.isfinite(g).all() builds a
+    # bool tensor first: 0.6 ms on a 4096 x 128 gradient, about 5% of a training step.
+    def all_finite(x):
+        n = x.shape[0]
+        nch = max(1, min(n // 16384, 4 * numba.get_num_threads()))
+        bad = np.zeros(nch, np.bool_)
+        for c in numba.prange(nch):
+            s = np.float32(0.0)
+            for q in range(c * n // nch, (c + 1) * n // nch):
+                s += x[q] - x[q]
+            bad[c] = s != s
+        return not bad.any()
+
     # Each parallel kernel also exists serial: on 2 busy cores a parallel launch can cost
     # milliseconds (torch's and numba's OpenMP pools spin against each other), more than a small
     # batch's whole lookup. The callers pick by the bytes a call moves (SERIAL_BYTES).
@@ -630,7 +831,9 @@ def _compiled():
         "forward_dedup": (numba.njit(parallel=True, **par)(pooled_forward_dedup), numba.njit(**par)(pooled_forward_dedup)),
         "update": (numba.njit(parallel=True, **upd)(fused_update), numba.njit(**upd)(fused_update)),
         "check_ids": (numba.njit(parallel=True, **par)(check_ids), numba.njit(**par)(check_ids)),
-        "sort_by_row": sort_by_row,
+        "all_finite": (numba.njit(parallel=True, fastmath={"reassoc"}, **par)(all_finite),
+                       numba.njit(fastmath={"reassoc"}, **par)(all_finite)),
+        "sort_by_row": (numba.njit(parallel=True, **par)(sort_by_row), numba.njit(**par)(sort_by_row)),
     }
 
 
@@ -652,8 +855,15 @@ def check_ids(values, offsets, B, feat_rows):
     return _compiled()["check_ids"][values.size * 8 < SERIAL_BYTES](values, offsets, B, feat_rows)
 
 
-def sort_by_row(*args):
-    return _compiled()["sort_by_row"](*args)
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every value of the float32 array ``x`` is finite (serial below SERIAL_BYTES)."""
+    flat = x.reshape(-1)
+    return bool(_compiled()["all_finite"][flat.size * 4 < SERIAL_BYTES](flat))
+
+
+def sort_by_row(values, *args):
+    """Sort the batch's ids by global row (see the kernel); serial below SERIAL_BYTES of ids and tags."""
+    return _compiled()["sort_by_row"][values.size * 16 < SERIAL_BYTES](values, *args)
 
 
 def fused_update(*args, moved_bytes: int):
