@@ -2,6 +2,8 @@
 optimizer over several steps), jagged edge cases, bad input, checkpoints."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -356,10 +358,11 @@ def test_sort_by_row_serial_and_parallel_match_a_stable_sort(data):
     gkey = tab_base[np.repeat(np.arange(nfeat * B) // B, lens)] + values
     order = np.argsort(gkey, kind="stable")
     bag = np.repeat(np.arange(nfeat * B), lens)
-    for kern in K._compiled()["sort_by_row"]:  # parallel, serial
-        key, tag, seg = kern(values, offsets, B, feat_table, tab_base, int(sum(rows)))
+    # parallel and serial kernels; need_pos False packs key and bag in one word, positions not kept
+    for kern, need_pos in itertools.product(K._compiled()["sort_by_row"], (True, False)):
+        key, tag, seg = kern(values, offsets, B, feat_table, tab_base, int(sum(rows)), need_pos)
         np.testing.assert_array_equal(key, gkey[order])
-        np.testing.assert_array_equal(tag & 0xFFFFFFFF, order)
+        np.testing.assert_array_equal(tag & 0xFFFFFFFF, order if need_pos else 0)
         np.testing.assert_array_equal(tag >> 32, bag[order])
         starts = np.flatnonzero(np.r_[True, gkey[order][1:] != gkey[order][:-1]]) if values.size else np.zeros(0, int)
         np.testing.assert_array_equal(seg, np.r_[starts, values.size])

@@ -210,7 +210,8 @@ class EmbeddingBagCollection(nn.Module):
                 s2[t] = _checked_state(mod, names[1], cfg).data_ptr()
         if values.size >= 1 << 32:  # the sort tags each id with its position in 32 bits
             raise ValueError(f"a training batch holds at most 2^32 - 1 ids, got {values.size}; split it")
-        key, tag, seg = K.sort_by_row(values, offsets, B, layout.feat_table, self.tab_base, self.total_rows)
+        key, tag, seg = K.sort_by_row(values, offsets, B, layout.feat_table, self.tab_base, self.total_rows,
+                                      weights is not None or layout.has_max)
         self.step += 1
         w = weights if weights is not None else np.empty(0, np.float32)
         K.fused_update(offsets, w, weights is not None, B, layout.feat_table, layout.feat_col, layout.feat_pool,
