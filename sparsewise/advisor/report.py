@@ -44,8 +44,8 @@ STATUS = [
      "works, with the sparsewise prune CLI; one-shot SparseGPT 2:4 on SmolLM2-135M at 4.84x dense perplexity, "
      "Fashion-MNIST within 0.3 points of dense after fine-tuning"),
     ("Embedding engine: jagged lookups, quantized rows, fused optimizer, DLRM (sparsewise.embedding)",
-     "works on CPU; lookups 1.65-1.79x / 2.52-3.37x / 2.81-4.23x nn.EmbeddingBag (fp32 / bf16 / int8), training 10-15.4x torch / "
-     "1.3-1.7x FBGEMM (targets 20x / 3x not met); tables larger than RAM, sharding not built yet"),
+     "works on CPU; lookups 1.65-1.86x / 2.52-3.45x / 2.81-4.23x nn.EmbeddingBag (fp32 / bf16 / int8), training 15.6-16.1x torch / "
+     "2.3-2.5x FBGEMM (targets 20x / 3x not met); tables larger than RAM, sharding not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)",
      "works on CPU (training and inference), on CUDA through torch ops; experts pruned by prune_; decode 2.2-3.3x "
      "transformers at 16 tokens (Mixtral bf16 2.50x), 2:4 experts 3.5-4.7x in fp32 and DeepSeek bf16; 1-token dense "

@@ -658,8 +658,8 @@ def _compiled():
     # rows < 2^31: key << 32 | bag sorts as one array, half the bytes and scatter streams
     # (measured 0.75-0.95 ms vs 1.7-1.9 ms on 131k ids); the tags then hold position 0.
     # Every phase runs on all threads (chunks of the ids in order, so the LSD sort stays stable):
-    # serial, it ran at half speed or worse right after a parallel kernel, while the other
-    # thread of the pool still spins on the same core pair (measured 2.5-3.2 ms vs 1.3 ms).
+    # serial, it ran at half speed or worse right after a parallel kernel (measured 2.5-3.2 ms vs
+    # 1.3 ms; probably the pool's worker still spinning, not isolated).
     def sort_by_row(values, offsets, B, feat_table, tab_base, total_rows, need_pos):
         nnz = values.shape[0]
         nbags = offsets.shape[0] - 1
