@@ -66,10 +66,16 @@ def test_key_order_of_batch_does_not_matter():
 def test_fused_training_matches_reference_over_steps(opt, weighted):
     rng = np.random.default_rng(2)
     ebc = EmbeddingBagCollection(_tables(), optimizer=opt, dedup=weighted)  # both forward kernels feed backward
+    _train_against_reference(ebc, opt, rng, [lambda: _batch(rng, KEYS_ROWS, 9, weighted=weighted)] * 4)
+    assert int(ebc.step) == 4
+
+
+def _train_against_reference(ebc, opt, rng, batches):
+    # one fused step per batch maker, each checked against reference_step: weights and state
     ws = [w.clone() for w in ebc.weights()]
     states = [{k: v.clone() for k, v in ebc.optimizer_state(t.name).items()} for t in ebc.tables]
-    for step in range(1, 5):
-        kj = _batch(rng, KEYS_ROWS, 9, weighted=weighted)
+    for step, make in enumerate(batches, start=1):
+        kj = make()
         out = ebc(kj)
         g = torch.from_numpy(rng.standard_normal(out.values.shape).astype(np.float32))
         (out.values * g).sum().backward()
@@ -78,7 +84,6 @@ def test_fused_training_matches_reference_over_steps(opt, weighted):
             torch.testing.assert_close(ebc.weights()[t], ws[t], rtol=1e-4, atol=1e-5)
             for name, s in ebc.optimizer_state(cfg.name).items():
                 torch.testing.assert_close(s, states[t][name], rtol=1e-4, atol=1e-5)
-    assert int(ebc.step) == 4
 
 
 def test_only_touched_rows_change_and_dense_params_untouched():
@@ -325,18 +330,8 @@ def test_register_fused_update_matches_reference(opt):
             TableConfig("e", 10, 5, ("w",), pooling="mean", init="normal")]
     rows = {"x": 60, "y": 60, "z": 40, "u": 30, "v": 20, "w": 10}
     ebc = EmbeddingBagCollection(cfgs, optimizer=opt, backend="kernel")
-    ws = [w.clone() for w in ebc.weights()]
-    states = [{k: v.clone() for k, v in ebc.optimizer_state(t.name).items()} for t in ebc.tables]
-    for step in range(1, 4):
-        kj = _batch(rng, rows, 11, max_len=7, weighted=step != 2)
-        out = ebc(kj)
-        g = torch.from_numpy(rng.standard_normal(out.values.shape).astype(np.float32))
-        (out.values * g).sum().backward()
-        reference_step(ebc.tables, ws, states, opt, kj, g, step)
-        for t, cfg in enumerate(ebc.tables):
-            torch.testing.assert_close(ebc.weights()[t], ws[t], rtol=1e-4, atol=1e-5)
-            for name, s in ebc.optimizer_state(cfg.name).items():
-                torch.testing.assert_close(s, states[t][name], rtol=1e-4, atol=1e-5)
+    _train_against_reference(ebc, opt, rng, [lambda w=w: _batch(rng, rows, 11, max_len=7, weighted=w)
+                                             for w in (True, False, True)])
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -404,29 +404,22 @@ def _compiled():
                 for d in range(D):
                     o[d] += a * np.float32(q[d]) + c
 
-    # dispatch to the register bag loop for (kind, nv); generated: numba needs each intrinsic
-    # called by name
-    src = ["def reg_bag(kind, nv, values, offsets, i0, i1, base, stride, off, sboff, weights, has_w, outaddr, ostride,"
-           "            pf_dist, pf_end, mean):"]
-    for kind in range(4):
-        for nv in range(1, 9):
-            src.append(f"    {'if' if (kind, nv) == (0, 1) else 'elif'} kind == {kind} and nv == {nv}:")
-            src.append(f"        B_{kind}_{nv}(values, offsets, i0, i1, base, stride, off, sboff, weights, has_w, outaddr, "
-                       "ostride, pf_dist, pf_end, mean)")
-    scope = {f"B_{k}_{n}": f for (k, n), f in BAGS.items()}
-    exec("\n".join(src), scope)
-    reg_bag = njit(inline="always")(scope["reg_bag"])
+    def dispatcher(name, params, table):
+        # name(kind, nv, *params) calling table[(kind, nv)](*params); generated: numba needs each
+        # intrinsic called by name
+        src = [f"def {name}(kind, nv, {params}):"]
+        for n, key in enumerate(table):
+            src.append(f"    {'if' if n == 0 else 'elif'} kind == {key[0]} and nv == {key[1]}:")
+            src.append(f"        F_{key[0]}_{key[1]}({params})")
+        scope = {f"F_{kk}_{nn}": f for (kk, nn), f in table.items()}
+        exec("\n".join(src), scope)
+        return njit(inline="always")(scope[name])
 
-    src = ["def reg_update(kind, nv, tag, q0, q1, B, feat_col, feat_pool, offsets, weights, has_w, gaddr, gstride,"
-           "               waddr, s1addr, s2addr, hp):"]
-    for kind in range(4):
-        for nv in range(1, 9):
-            src.append(f"    {'if' if (kind, nv) == (0, 1) else 'elif'} kind == {kind} and nv == {nv}:")
-            src.append(f"        U_{kind}_{nv}(tag, q0, q1, B, feat_col, feat_pool, offsets, weights, has_w, gaddr, gstride, "
-                       "waddr, s1addr, s2addr, hp)")
-    scope = {f"U_{k}_{n}": f for (k, n), f in UPDATES.items()}
-    exec("\n".join(src), scope)
-    reg_update = njit(inline="always")(scope["reg_update"])
+    # the register bag loop and the register row update for (kind, nv)
+    reg_bag = dispatcher("reg_bag", "values, offsets, i0, i1, base, stride, off, sboff, weights, has_w, outaddr, "
+                                    "ostride, pf_dist, pf_end, mean", BAGS)
+    reg_update = dispatcher("reg_update", "tag, q0, q1, B, feat_col, feat_pool, offsets, weights, has_w, gaddr, "
+                                          "gstride, waddr, s1addr, s2addr, hp", UPDATES)
 
     @njit(inline="always")
     def pool_bags_reg(values, offsets, i0, i1, base, stride, D, kind, weights, has_w, outaddr, ostride, pf_dist,
@@ -666,7 +659,7 @@ def _compiled():
         nch = max(1, min(nnz // 4096, 2 * numba.get_num_threads()))
         packed = not need_pos and total_rows < (np.int64(1) << 31)
         key = np.empty(nnz, np.int64)
-        tag = np.empty(nnz, np.int64)
+        tag = np.empty(0 if packed else nnz, np.int64)  # packed: written after the sort
         for c in numba.prange(nch):
             for i in range(c * nbags // nch, (c + 1) * nbags // nch):
                 base = tab_base[feat_table[0 if i < B else i // B]]
