@@ -144,7 +144,7 @@ class EmbeddingBagCollection(nn.Module):
         if not isinstance(dedup, bool):
             raise TypeError(f"dedup must be True or False, got {dedup!r}")
         self.dedup = dedup
-        self._update_pf = 16  # distinct rows prefetched ahead in the fused update
+        self._update_pf = 16  # ids whose rows the fused update prefetches ahead
         if backend not in ("auto", "kernel", "torch"):
             raise ValueError(f"backend must be 'auto', 'kernel' or 'torch', got {backend!r}")
         self.backend = backend
@@ -210,14 +210,14 @@ class EmbeddingBagCollection(nn.Module):
                 s2[t] = _checked_state(mod, names[1], cfg).data_ptr()
         if values.size >= 1 << 32:  # the sort tags each id with its position in 32 bits
             raise ValueError(f"a training batch holds at most 2^32 - 1 ids, got {values.size}; split it")
-        key, tag, seg = K.sort_by_row(values, offsets, B, layout.feat_table, self.tab_base, self.total_rows,
-                                      weights is not None or layout.has_max)
+        key, tag = K.sort_by_row(values, offsets, B, layout.feat_table, self.tab_base, self.total_rows,
+                                 weights is not None or layout.has_max)
         self.step += 1
         w = weights if weights is not None else np.empty(0, np.float32)
         K.fused_update(offsets, w, weights is not None, B, layout.feat_table, layout.feat_col, layout.feat_pool,
-                       key, tag, seg, self.tab_base, grad, argmax, addr, dims, s1, s2, np.int64(opt.kind),
+                       key, tag, self.tab_base, grad, argmax, addr, dims, s1, s2, np.int64(opt.kind),
                        optimizer_hparams(opt, int(self.step)), int(dims.max()), self._update_pf,
-                       moved_bytes=int((seg.size - 1) * dims.max() * 4 * (1 + len(opt.states))))
+                       moved_bytes=int(key.size * dims.max() * 4 * (1 + len(opt.states))))
 
     def optimizer_state(self, table: str) -> dict[str, torch.Tensor]:
         """The optimizer's state tensors of one table (empty for SGD)."""

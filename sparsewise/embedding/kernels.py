@@ -556,7 +556,7 @@ def _compiled():
                 for j in range(offsets[i], offsets[i + 1]):
                     key[j - s0] = base + values[j]
                     bag[j - s0] = i
-            key, pos = lsd_passes(key, np.arange(s0, s0 + n).astype(np.int64), True, bits, 0, 1)
+            key, pos = lsd_passes(key, np.arange(s0, s0 + n).astype(np.int64), True, bits, 0, 1, False)
             for q in range(n):
                 qp = q + pf_dist
                 if qp < n and (qp == 0 or key[qp] != key[qp - 1]):
@@ -594,20 +594,23 @@ def _compiled():
         return -1
 
     # Stable LSD radix passes over a[:] by bits shift0 .. shift0+bits-1 (digits of up to 11 bits),
-    # on nch chunks of the array in order; tag (same length) moves with a when carry. Returns the
-    # sorted (a, tag); the inputs are used as scratch.
+    # on nch chunks of the array in order; tag (same length) moves with a when carry. split: a holds
+    # key << 32 | low (no tag carried), and the last pass writes key to a and low << 32 to tag
+    # directly (a separate unpacking sweep cost about a tenth of the sort). Returns the sorted
+    # (a, tag); the inputs are used as scratch.
     @njit(inline="always")
-    def lsd_passes(a, tag, carry, bits, shift0, nch):
+    def lsd_passes(a, tag, carry, bits, shift0, nch, split):
         n = a.shape[0]
         passes = max(1, (bits + 10) // 11)  # digits of up to 11 bits: 16 KB of counts stay in L1
         digit = (bits + passes - 1) // passes
         nd = np.int64(1) << digit
         mask = nd - 1
         a2 = np.empty(n, np.int64)
-        tag2 = np.empty(n if carry else 0, np.int64)
+        tag2 = np.empty(n if carry or split else 0, np.int64)
         count = np.zeros((nch, nd), np.int64)
         shift = shift0
-        for _ in range(passes):
+        for p in range(passes):
+            last_split = split and p == passes - 1
             for c in numba.prange(nch):
                 cnt = count[c]
                 cnt[:] = 0
@@ -626,11 +629,18 @@ def _compiled():
                     d = (x >> shift) & mask
                     at = cnt[d]
                     cnt[d] = at + 1
-                    a2[at] = x
-                    if carry:
-                        tag2[at] = tag[q]
+                    if last_split:
+                        a2[at] = x >> 32
+                        tag2[at] = (x & 0xFFFFFFFF) << 32
+                    else:
+                        a2[at] = x
+                        if carry:
+                            tag2[at] = tag[q]
             a, a2 = a2, a
-            tag, tag2 = tag2, tag
+            if last_split:
+                tag = tag2
+            elif carry:
+                tag, tag2 = tag2, tag
             shift += digit
         return a, tag
 
@@ -642,11 +652,11 @@ def _compiled():
         return bits
 
     # Sort every id of the batch by its global row (table base + id): returns (key (nnz,) the
-    # sorted global rows, tag (nnz,) bag << 32 | position of each, seg (U+1,) start of each distinct
-    # row's run). The sort carries the tag with each key, so the update reads each id's bag, row
-    # and position in sorted order, sequentially (through a permutation it took two dependent
-    # cache misses per distinct row, which it could not overlap: it ran at about half the speed
-    # of a plain read-modify-write of its rows). Callers keep nnz < 2^32. O(nnz * passes).
+    # sorted global rows, tag (nnz,) bag << 32 | position of each); equal keys are contiguous runs,
+    # one per distinct row. The sort carries the tag with each key, so the update reads each id's
+    # bag, row and position in sorted order, sequentially (through a permutation it took two
+    # dependent cache misses per distinct row, which it could not overlap: it ran at about half the
+    # speed of a plain read-modify-write of its rows). Callers keep nnz < 2^32. O(nnz * passes).
     # need_pos False (no per-id weights, no max pooling: the update never reads positions) and
     # rows < 2^31: key << 32 | bag sorts as one array, half the bytes and scatter streams
     # (measured 0.75-0.95 ms vs 1.7-1.9 ms on 131k ids); the tags then hold position 0.
@@ -659,7 +669,7 @@ def _compiled():
         nch = max(1, min(nnz // 4096, 2 * numba.get_num_threads()))
         packed = not need_pos and total_rows < (np.int64(1) << 31)
         key = np.empty(nnz, np.int64)
-        tag = np.empty(0 if packed else nnz, np.int64)  # packed: written after the sort
+        tag = np.empty(0 if packed else nnz, np.int64)  # packed: written by the last pass
         for c in numba.prange(nch):
             for i in range(c * nbags // nch, (c + 1) * nbags // nch):
                 base = tab_base[feat_table[0 if i < B else i // B]]
@@ -669,44 +679,21 @@ def _compiled():
                     else:
                         key[j] = base + values[j]
                         tag[j] = (np.int64(i) << 32) | j
-        bits = bits_for(total_rows)
-        key, tag = lsd_passes(key, tag, not packed, bits, 32 if packed else 0, nch)
-        if packed:
-            tag = np.empty(nnz, np.int64)
-            for c in numba.prange(nch):
-                for q in range(c * nnz // nch, (c + 1) * nnz // nch):
-                    x = key[q]
-                    tag[q] = (x & 0xFFFFFFFF) << 32
-                    key[q] = x >> 32
-        # run starts: count them per chunk, then each chunk writes its own at its offset
-        starts = np.zeros(nch + 1, np.int64)
-        for c in numba.prange(nch):
-            s = 0
-            for q in range(c * nnz // nch, (c + 1) * nnz // nch):
-                if q == 0 or key[q] != key[q - 1]:
-                    s += 1
-            starts[c + 1] = s
-        for c in range(nch):
-            starts[c + 1] += starts[c]
-        seg = np.empty(starts[nch] + 1, np.int64)
-        for c in numba.prange(nch):
-            at = starts[c]
-            for q in range(c * nnz // nch, (c + 1) * nnz // nch):
-                if q == 0 or key[q] != key[q - 1]:
-                    seg[at] = q
-                    at += 1
-        seg[starts[nch]] = nnz
-        return key, tag, seg
+        return lsd_passes(key, tag, not packed, bits_for(total_rows), 32 if packed else 0, nch, packed)
 
-    # One pass over the distinct rows (seg from sort_by_row): sum each row's gradient over its
-    # occurrences (per-id weights, 1/L for mean, argmax routing for max) and apply the optimizer
-    # in place. kind: 0 SGD, 1 Adagrad, 2 row-wise Adagrad, 3 Adam. tab_s1/tab_s2: addresses of
-    # the state tensors (0 when unused). hp float32 = (lr, eps, beta1, beta2, adam_step_size):
-    # Adam as torch.optim.SparseAdam, step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t).
-    def fused_update(offsets, weights, has_w, B, feat_table, feat_col, feat_pool, key, tag, seg, tab_base,
+    # One pass over the sorted ids (key, tag from sort_by_row), a run of equal keys (one distinct
+    # row) at a time: sum the row's gradient over its occurrences (per-id weights, 1/L for mean,
+    # argmax routing for max) and apply the optimizer in place. Each chunk of threads' work owns the
+    # runs that start in its share of the ids, so no run is split and no list of run starts is built
+    # (it cost two more sweeps over the keys). kind: 0 SGD, 1 Adagrad, 2 row-wise Adagrad, 3 Adam.
+    # tab_s1/tab_s2: addresses of the state tensors (0 when unused). hp float32 = (lr, eps, beta1,
+    # beta2, adam_step_size): Adam as torch.optim.SparseAdam, step_size = lr * sqrt(1 - beta2^t) /
+    # (1 - beta1^t). pf_dist: ids ahead whose rows (each distinct one once) and gradient rows are
+    # prefetched.
+    def fused_update(offsets, weights, has_w, B, feat_table, feat_col, feat_pool, key, tag, tab_base,
                      grad, argmax, tab_addr, tab_dim, tab_s1, tab_s2, kind, hp, max_dim, pf_dist):
-        nseg = seg.shape[0] - 1
-        nchunks = max(1, min(nseg, 16 * numba.get_num_threads()))
+        n = key.shape[0]
+        nchunks = max(1, min(n // 64, 16 * numba.get_num_threads()))
         lr, eps, b1, b2, adam_step = hp[0], hp[1], hp[2], hp[3], hp[4]
         grad_addr = grad.ctypes.data
         gstride = grad.shape[1]
@@ -716,28 +703,35 @@ def _compiled():
                 reg = False
         for c in numba.prange(nchunks):
             g = np.empty(max_dim, np.float32)
-            u1 = (c + 1) * nseg // nchunks
-            for u in range(c * nseg // nchunks, u1):
-                # prefetch the row (and its state) that this chunk updates pf_dist rows from now
-                up = u + pf_dist
-                if up < u1:
-                    qp = seg[up]
-                    ip = tag[qp] >> 32
-                    fp = 0 if ip < B else ip // B  # one feature: no division per row
+            q0 = c * n // nchunks
+            while 0 < q0 < n and key[q0] == key[q0 - 1]:
+                q0 += 1
+            qe = (c + 1) * n // nchunks
+            while 0 < qe < n and key[qe] == key[qe - 1]:
+                qe += 1
+            p = q0  # prefetch cursor: the ids before p have been prefetched
+            while q0 < qe:
+                q1 = q0 + 1
+                while q1 < qe and key[q1] == key[q0]:
+                    q1 += 1
+                pend = min(q0 + pf_dist, qe)
+                while p < pend:
+                    ip = tag[p] >> 32
+                    fp = 0 if ip < B else ip // B  # one feature: no division per id
                     tp = feat_table[fp]
-                    rp = key[qp] - tab_base[tp]
                     rb = tab_dim[tp] * 4
-                    prefetch_row(tab_addr[tp] + rp * rb, rb)
-                    if kind == 1 or kind == 3:
-                        prefetch_row(tab_s1[tp] + rp * rb, rb)
-                    elif kind == 2:
-                        prefetch_row(tab_s1[tp] + rp * 4, 4)
-                    # and the gradient row of its first occurrence (the (B, C) gradient is L3-resident)
+                    if p == 0 or key[p] != key[p - 1]:  # a new distinct row: it and its state
+                        rp = key[p] - tab_base[tp]
+                        prefetch_row(tab_addr[tp] + rp * rb, rb)
+                        if kind == 1 or kind == 3:
+                            prefetch_row(tab_s1[tp] + rp * rb, rb)
+                        elif kind == 2:
+                            prefetch_row(tab_s1[tp] + rp * 4, 4)
+                        if kind == 3:
+                            prefetch_row(tab_s2[tp] + rp * rb, rb)
+                    # and the id's gradient row (the (B, C) gradient is L3-resident)
                     prefetch_row(grad_addr + ((ip - fp * B) * gstride + feat_col[fp]) * 4, rb)
-                    if kind == 3:
-                        prefetch_row(tab_s2[tp] + rp * rb, rb)
-                q0 = seg[u]
-                q1 = seg[u + 1]
+                    p += 1
                 i = tag[q0] >> 32
                 t = feat_table[0 if i < B else i // B]
                 D = tab_dim[t]
@@ -746,6 +740,7 @@ def _compiled():
                     reg_update(kind, D // 16, tag, q0, q1, B, feat_col, feat_pool, offsets, weights, has_w, grad_addr,
                                gstride, tab_addr[t] + r * D * 4, tab_s1[t] + r * (4 if kind == 2 else D * 4),
                                tab_s2[t] + r * D * 4, hp)
+                    q0 = q1
                     continue
                 for d in range(D):
                     g[d] = 0.0
@@ -792,6 +787,7 @@ def _compiled():
                         m[d] += (g[d] - m[d]) * (np.float32(1.0) - b1)
                         v[d] += (g[d] * g[d] - v[d]) * (np.float32(1.0) - b2)
                         w[d] -= adam_step * m[d] / (np.sqrt(v[d]) + eps)
+                q0 = q1
 
     # True when every value of x (flat float32) is finite: v - v is 0 for finite v and NaN for
     # NaN or +-Inf, and a NaN survives any sum. 'reassoc' alone lets LLVM vectorise the sum
