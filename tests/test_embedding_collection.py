@@ -341,7 +341,7 @@ def test_parallel_update_with_runs_longer_than_a_chunk(opt):
     rng = np.random.default_rng(11)
     cfgs = [TableConfig("a", 3, 128, ("x",), init="normal"), TableConfig("b", 2, 5, ("y",), init="normal")]
     ebc = EmbeddingBagCollection(cfgs, optimizer=opt, backend="kernel")
-    # runs of ~1800 gradients summed in another order than the reference's: rtol 1e-3 (a run
+    # runs of ~900 gradients summed in another order than the reference's: rtol 1e-3 (a run
     # applied twice or skipped is off by a factor, not by rounding)
     _train_against_reference(ebc, opt, rng, [lambda: _batch(rng, {"x": 3, "y": 2}, 600, max_len=12)] * 2, rtol=1e-3)
 
