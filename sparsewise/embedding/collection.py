@@ -214,6 +214,8 @@ class EmbeddingBagCollection(nn.Module):
                                  weights is not None or layout.has_max)
         self.step += 1
         w = weights if weights is not None else np.empty(0, np.float32)
+        # serial or parallel by the bytes the update moves: per id (every id's gradient row is read;
+        # a batch of few distinct rows still sums many rows), not per distinct row
         K.fused_update(offsets, w, weights is not None, B, layout.feat_table, layout.feat_col, layout.feat_pool,
                        key, tag, self.tab_base, grad, argmax, addr, dims, s1, s2, np.int64(opt.kind),
                        optimizer_hparams(opt, int(self.step)), int(dims.max()), self._update_pf,
