@@ -203,9 +203,49 @@ def test_dp_decode_without_vbmi(monkeypatch):
     vals, idx = kernels._as_kernel_values(nmt.values), nmt.indices.numpy().reshape(-1)
     for b in (1, 3, 6):
         x = torch.randn(b, 136, generator=gen).to(torch.bfloat16)
-        xm = x[:, :128].reshape(b, 2, 64).transpose(0, 1).contiguous() if b > 1 else x[:, :128].contiguous()
+        xm = kernels._block_major(x[:, :128], 64, False) if b > 1 else x[:, :128].contiguous()
         xt = x[:, 128:].float().contiguous().numpy().reshape(-1)
         y = torch.empty(b, 7)
         ser(vals, idx, xm.view(torch.int16).numpy().reshape(-1), xt, y.numpy().reshape(-1), 7, 136, b,
             np.zeros(0, np.float32))
         assert_matches_reference(y, x, nmt, "dp")
+
+
+@pytest.fixture(scope="module")
+def tiled_kernels():
+    # large layers at batch >= 8 run in row tiles with K in chunks (accumulating into y): kernels
+    # built with the size threshold at 0 and 3-block chunks, so a small layer takes that path
+    from sparsewise.nm import kernels
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "_TILE_MIN_BYTES", 0)
+        mp.setattr(kernels, "_TILE_BLOCKS", 3)
+        built = kernels._compiled.__wrapped__()
+        yield built
+
+
+@pytest.mark.skipif(not avx512_available(), reason="the row tiles are in the AVX-512 2:4 kernels")
+@pytest.mark.parametrize("kernel", ["dp", "perm"])
+@pytest.mark.parametrize("b", [8, 9, 13, 24, 30])
+def test_row_tiles_match_reference(tiled_kernels, kernel, b):
+    # rows not a multiple of the tile or of its row step, K not a multiple of the chunk, a tail
+    from sparsewise.nm import kernels
+
+    if kernel == "dp" and not {"avx512bw", "avx512_bf16"} <= kernels.cpu_flags():
+        pytest.skip("the dp kernel needs AVX512_BF16")
+    par, _ser = tiled_kernels[kernel]
+    gen = torch.Generator().manual_seed(b)
+    o, k = 135, 7 * 64 + 12
+    nmt = NMTensor.from_dense(torch.randn(o, k, generator=gen).to(torch.bfloat16), 2, 4)
+    x = torch.randn(b, k, generator=gen)
+    blk = 64 if kernel == "dp" else 32
+    kmain = k // blk * blk
+    xdtype = torch.bfloat16 if kernel == "dp" else torch.float32
+    xm = kernels._block_major(x[:, :kmain].to(xdtype), blk, True)
+    xv = xm.view(torch.int16).numpy().reshape(-1) if kernel == "dp" else xm.numpy().reshape(-1)
+    xt = x[:, kmain:].to(xdtype).float().contiguous().numpy().reshape(-1)
+    bias = torch.randn(o, generator=gen)
+    y = torch.full((b, o), float("nan"))  # every element must be written
+    par(kernels._as_kernel_values(nmt.values), nmt.indices.numpy().reshape(-1), xv, xt, y.numpy().reshape(-1),
+        o, k, b, bias.numpy())
+    assert_matches_reference(y - bias, x, nmt, kernel)

@@ -14,7 +14,10 @@ Kernels (each checked against the pure-torch ``reference_matmul`` in the tests):
   ``vdpbf16ps`` (two products per fp32 lane, fp32 accumulation): half the instructions of "perm".
   x in bf16, as the dense bf16 path uses it.
   Both compute 4 output rows per pass so the rows share every x load, with x stored block-major
-  (the batch rows of one block side by side) so those loads come from a few cache lines.
+  (the batch rows of one block side by side) so those loads come from a few cache lines. Large
+  layers (>= 2 MB of kept values) at batch >= 8 run in tiles of 64 rows with K cut into chunks,
+  each chunk over all the tile's rows before the next (its x stays in L1, the tile's weights stay
+  in L2 across batch passes), 2 rows x 8 batch rows per call below batch 24, 4 x 4 above.
   Written as LLVM IR through numba intrinsics: numba cannot express the permutes.
 - generic: any N:M, any K, scalar numba; the fallback and the non-2:4 path.
 """
@@ -27,8 +30,13 @@ import torch
 
 # Bump on any change to the kernels' speed: SparseLinear's dispatch crossovers cached on disk are
 # keyed by it (sparsewise.nm.linear), so they are measured again. 2: lane sums in vector ops and
-# the vpmultishiftqb decode (this was 1 implicitly); 3: L2 prefetch of the next rows when short.
-KERNELS_VERSION = 3
+# the vpmultishiftqb decode (this was 1 implicitly); 3: L2 prefetch of the next rows when short;
+# 4: row tiles with K chunks at batch >= 8, padded block-major x.
+KERNELS_VERSION = 4
+# row tiles for large layers at batch >= 8 (make_driver): output rows per tile, 64-input blocks
+# per K chunk (bf16: 8 batch rows x 32 blocks of x = 32 KB, inside L1), row-steps of prefetch
+# distance, and the weight bytes above which tiles are used (under it the rows sit in cache)
+_TILE_ROWS, _TILE_BLOCKS, _TILE_AHEAD, _TILE_MIN_BYTES = 64, 32, 2, 2 << 20
 
 __all__ = ["KERNELS_VERSION", "cpu_flags", "avx512_available", "nm24_supported", "available_kernels", "nm_matmul", "reference_matmul"]
 
@@ -164,7 +172,7 @@ def _compiled():
         def step(self, builder, acc, w, idx, lo, hi):
             return builder.call(self.dp, [acc, w, builder.bitcast(builder.call(self.perm, [lo, idx, hi]), v32bf)])
 
-    def make_dot(scheme, nb: int, nr: int):
+    def make_dot(scheme, nb: int, nr: int, accumulate: bool = False):
         @intrinsic
         def dot(typingctx, vals, voff, vrow, meta, moff, mrow, x, xoff, xblk, nblk, y, yoff, ystride):
             # For output rows r < nr and batch rows b < nb (blk = scheme.blk inputs per block):
@@ -201,7 +209,7 @@ def _compiled():
                     sums = lane_sums(builder, [builder.load(accs[r][b]) for r in range(nr)])
                     for r in range(nr):
                         yp = builder.gep(ybase, [builder.add(builder.add(yoff_, c64(r)), builder.mul(ystride_, c64(b)))])
-                        builder.store(sums[r], yp)
+                        builder.store(builder.fadd(builder.load(yp), sums[r]) if accumulate else sums[r], yp)
                 return context.get_dummy_value()
 
             return sig, codegen
@@ -233,47 +241,119 @@ def _compiled():
 
         rows4, rows1 = make_rows(4), make_rows(1)
 
-        def driver(vals, meta, x, xt, y, O, K, B, bias):
-            # vals (O*K/2,) f32|i16; meta (O*row_bytes,) uint8, 2-bit codes; y (B*O,) f32;
-            # bias (O,) or (0,); x: the first nblk*blk inputs block-major,
-            # x[(i*B + b)*blk + j] = x[b, i*blk + j]; xt (B*Kt,) f32: the Kt = K % blk tail inputs
-            nblk = K // blk
-            half = K // 2
-            xblk = B * blk
-            row_bytes = (K // 2 * 2 + 7) // 8
-            kt = K - nblk * blk
-            vaddr, maddr, vsize = vals.ctypes.data, meta.ctypes.data, vals.itemsize
-            # short rows (under 4 KB of kept values: MoE experts) read by several batch rows: the
-            # 4 rows of a group span too few cache lines for the hardware prefetcher to ramp up,
-            # so each group asks for the next group's bytes into L2. Measured (bf16, weights
-            # streamed from DRAM): 5632x1024 at 4 rows 1.59x, 1024x2816 1.10x; at batch 1, or
-            # with 4 KB rows, it cost 2-22%, so it is off there.
-            pf = B > 1 and half * vsize < 4096
-            for g in numba.prange((O + 3) // 4):
-                o0 = g * 4
-                if pf and o0 + 8 <= O:
-                    prefetch_row(vaddr + (o0 + 4) * half * vsize, 4 * half * vsize)
-                    prefetch_row(maddr + (o0 + 4) * row_bytes, 4 * row_bytes)
-                if o0 + 4 <= O and B > 1:
-                    rows4(vals, o0, half, meta, row_bytes, nblk, x, xblk, y, O, B)
-                else:  # one row at a time: at batch 1 four weight streams per thread read slower
-                    for o in range(o0, min(o0 + 4, O)):
-                        rows1(vals, o, half, meta, row_bytes, nblk, x, xblk, y, O, B)
-                for o in range(o0, min(o0 + 4, O)):
-                    if kt > 0:  # groups after the last whole block: scalar
-                        for b in range(B):
-                            s = np.float32(0.0)
-                            for j in range(nblk * blk // 2, half):
-                                code = (meta[o * row_bytes + (j >> 2)] >> (2 * (j & 3))) & 3
-                                col = (j >> 1) * 4 + code - nblk * blk
-                                s += weight_f32(vals[o * half + j]) * xt[b * kt + col]
-                            y[b * O + o] += s
-                    if bias.shape[0] > 0:
-                        for b in range(B):
-                            y[b * O + o] += bias[o]
+        def make_pass(nb, nr):
+            dot = make_dot(scheme, nb, nr, accumulate=True)
 
-        # small layers skip the thread fork/join, which costs more than their work
-        return numba.njit(parallel=True)(driver), numba.njit(parallel=False)(driver)
+            @numba.njit(inline="always")
+            def tile_pass(vals, o0, o1, half, meta, row_bytes, nblk, x, xblk, y, O, b0, vaddr, maddr, vsize):
+                # y += batch rows b0..b0+nb-1 of output rows o0..o1-1 (a multiple of nr), K in
+                # chunks of _TILE_BLOCKS blocks, each chunk over every row of the tile before the
+                # next: the chunk of x stays in L1 for the whole tile. The first pass streams the
+                # tile's weights from DRAM (each row's chunk prefetched _TILE_AHEAD steps ahead,
+                # as the rows' short runs keep the hardware prefetcher from ramping up) and leaves
+                # them in L2 for the passes over the other batch rows.
+                ahead = nr * _TILE_AHEAD
+                for c0 in range(0, nblk, _TILE_BLOCKS):
+                    nc = min(_TILE_BLOCKS, nblk - c0)
+                    voff, moff = c0 * (blk // 2), c0 * (blk // 8)
+                    for o in range(o0, o1, nr):
+                        if b0 == 0 and o + ahead < o1:
+                            for r in range(o + ahead, o + ahead + nr):
+                                prefetch_row(vaddr + (r * half + voff) * vsize, nc * (blk // 2) * vsize)
+                                prefetch_row(maddr + r * row_bytes + moff, nc * (blk // 8))
+                        dot(vals, o * half + voff, half, meta, o * row_bytes + moff, row_bytes,
+                            x, c0 * xblk + b0 * blk, xblk, nc, y, b0 * O + o, O)
+
+            return tile_pass
+
+        def make_tile(nb, nr):
+            # batch rows in chunks of nb, then 4 (if nb > 4), then one at a time
+            main, four, one = make_pass(nb, nr), make_pass(4, nr), make_pass(1, nr)
+
+            @numba.njit(inline="always")
+            def tile(vals, o0, o1, half, meta, row_bytes, nblk, x, xblk, y, O, B, vaddr, maddr, vsize):
+                b0 = 0
+                while b0 + nb <= B:
+                    main(vals, o0, o1, half, meta, row_bytes, nblk, x, xblk, y, O, b0, vaddr, maddr, vsize)
+                    b0 += nb
+                if nb > 4 and b0 + 4 <= B:
+                    four(vals, o0, o1, half, meta, row_bytes, nblk, x, xblk, y, O, b0, vaddr, maddr, vsize)
+                    b0 += 4
+                while b0 < B:
+                    one(vals, o0, o1, half, meta, row_bytes, nblk, x, xblk, y, O, b0, vaddr, maddr, vsize)
+                    b0 += 1
+
+            return tile
+
+        # measured (bf16, Llama-2 shapes, paired): 2 rows x 8 batch rows win at batch 8-16 (one
+        # pass streams the weights with every x load shared by 2 rows), 4x4 at batch 32
+        tile8x2, tile4x4 = make_tile(8, 2), make_tile(4, 4)
+
+        def make(with_tiles):
+            def driver(vals, meta, x, xt, y, O, K, B, bias):
+                # vals (O*K/2,) f32|i16; meta (O*row_bytes,) uint8, 2-bit codes; y (B*O,) f32;
+                # bias (O,) or (0,); x: the first nblk*blk inputs block-major,
+                # x[(i*B + b)*blk + j] = x[b, i*blk + j]; xt (B*Kt,) f32: the Kt = K % blk tail inputs
+                nblk = K // blk
+                half = K // 2
+                # x block stride: one cache line of padding for large layers (see _block_major)
+                big = with_tiles and O * half * vals.itemsize >= _TILE_MIN_BYTES
+                xblk = B * blk + (64 // x.itemsize if B > 1 and big else 0)
+                row_bytes = (K // 2 * 2 + 7) // 8
+                kt = K - nblk * blk
+                vaddr, maddr, vsize = vals.ctypes.data, meta.ctypes.data, vals.itemsize
+                # short rows (under 4 KB of kept values: MoE experts) read by several batch rows: the
+                # 4 rows of a group span too few cache lines for the hardware prefetcher to ramp up,
+                # so each group asks for the next group's bytes into L2. Measured (bf16, weights
+                # streamed from DRAM): 5632x1024 at 4 rows 1.59x, 1024x2816 1.10x; at batch 1, or
+                # with 4 KB rows, it cost 2-22%, so it is off there.
+                pf = B > 1 and half * vsize < 4096
+                # large layers at batch >= 8: row tiles with K chunked (make_pass); the rest by rows
+                tiled = False
+                ot = 0  # rows the tiles compute
+                if with_tiles:  # a compile-time constant: the serial driver (small layers) has no tiles
+                    tiled = B >= 8 and nblk > 0 and big
+                    nr = 2 if B < 24 else 4
+                    if tiled:
+                        ot = O // nr * nr
+                        for t in numba.prange((ot + _TILE_ROWS - 1) // _TILE_ROWS):
+                            o0, o1 = t * _TILE_ROWS, min(t * _TILE_ROWS + _TILE_ROWS, ot)
+                            for b in range(B):  # the passes accumulate into y
+                                y[b * O + o0:b * O + o1] = 0.0
+                            if nr == 2:
+                                tile8x2(vals, o0, o1, half, meta, row_bytes, nblk, x, xblk, y, O, B, vaddr, maddr, vsize)
+                            else:
+                                tile4x4(vals, o0, o1, half, meta, row_bytes, nblk, x, xblk, y, O, B, vaddr, maddr, vsize)
+                for g in numba.prange((O + 3) // 4):
+                    o0 = g * 4
+                    if o0 + 4 <= ot:
+                        pass
+                    elif o0 + 4 <= O and B > 1 and not tiled:
+                        if pf and o0 + 8 <= O:
+                            prefetch_row(vaddr + (o0 + 4) * half * vsize, 4 * half * vsize)
+                            prefetch_row(maddr + (o0 + 4) * row_bytes, 4 * row_bytes)
+                        rows4(vals, o0, half, meta, row_bytes, nblk, x, xblk, y, O, B)
+                    else:  # one row at a time: at batch 1 four weight streams per thread read slower
+                        for o in range(max(o0, ot), min(o0 + 4, O)):
+                            rows1(vals, o, half, meta, row_bytes, nblk, x, xblk, y, O, B)
+                    for o in range(o0, min(o0 + 4, O)):
+                        if kt > 0:  # groups after the last whole block: scalar
+                            for b in range(B):
+                                s = np.float32(0.0)
+                                for j in range(nblk * blk // 2, half):
+                                    code = (meta[o * row_bytes + (j >> 2)] >> (2 * (j & 3))) & 3
+                                    col = (j >> 1) * 4 + code - nblk * blk
+                                    s += weight_f32(vals[o * half + j]) * xt[b * kt + col]
+                                y[b * O + o] += s
+                        if bias.shape[0] > 0:
+                            for b in range(B):
+                                y[b * O + o] += bias[o]
+
+            return driver
+
+        # small layers skip the thread fork/join, which costs more than their work (and are too
+        # small for row tiles: compiling those only into the parallel driver halves their cost)
+        return numba.njit(parallel=True)(make(True)), numba.njit(parallel=False)(make(False))
 
     @intrinsic
     def weight_f32(typingctx, raw):
@@ -361,6 +441,22 @@ def _select(nmt, kernel: str | None):
     return kern, (vals, idx), (), (64 if kernel == "dp" else 32), (torch.bfloat16 if kernel == "dp" else torch.float32)
 
 
+def _block_major(xm: torch.Tensor, blk: int, padded: bool) -> torch.Tensor:
+    """(B, nblk*blk) -> block-major rows, x[i*xblk + b*blk + j] = x[b, i*blk + j]; ``padded``
+    (large layers, where the driver says so too) adds one cache line after each block's B*blk
+    values (xblk = B*blk + 64 bytes): a block's rows take an even number of lines, and with an odd
+    stride in lines consecutive blocks fall on different L1 sets (at 4 KB strides, batch 32 bf16,
+    a K chunk of x thrashed 16 of the 64 sets: 0.6x). Small layers skip the extra copy."""
+    b, k = xm.shape
+    nblk = k // blk
+    if not padded:
+        return xm.reshape(b, nblk, blk).transpose(0, 1).contiguous()
+    pad = 64 // xm.element_size()
+    buf = torch.empty(nblk, b * blk + pad, dtype=xm.dtype)
+    buf[:, :b * blk].view(nblk, b, blk).copy_(xm.view(b, nblk, blk).transpose(0, 1))
+    return buf
+
+
 def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, kernel: str | None = None) -> torch.Tensor:
     """(B, K) float32 or bfloat16 @ W.T (+ bias) -> (B, O) float32, W an NMTensor (float32 or
     bf16 values), bias float32 (O,) or None.
@@ -385,9 +481,7 @@ def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, kerne
     xm = x2d[:, :kmain] if kmain < k else x2d
     if xm.dtype != xdtype:
         xm = xm.to(xdtype)
-    if b > 1:  # whole blocks block-major (see make_driver)
-        xm = xm.reshape(b, kmain // blk, blk).transpose(0, 1)
-    xm = xm.contiguous()
+    xm = _block_major(xm, blk, nmt.values.numel() * nmt.values.element_size() >= _TILE_MIN_BYTES) if b > 1 else xm.contiguous()
     xv = xm.view(torch.int16).numpy().reshape(-1) if xdtype == torch.bfloat16 else xm.numpy().reshape(-1)
     # the tail sees x as the vector part does (bf16-rounded for "dp"), in fp32
     xt = x2d[:, kmain:].to(xdtype).to(torch.float32).contiguous().numpy().reshape(-1) if kmain < k else _NO_BIAS
