@@ -268,7 +268,8 @@ def _compiled():
 
         def make_tile(nb, nr):
             # batch rows in chunks of nb, then 4 (if nb > 4), then one at a time
-            main, four, one = make_pass(nb, nr), make_pass(4, nr), make_pass(1, nr)
+            main, one = make_pass(nb, nr), make_pass(1, nr)
+            four = make_pass(4, nr) if nb > 4 else main
 
             @numba.njit(inline="always")
             def tile(vals, o0, o1, half, meta, row_bytes, nblk, x, xblk, y, O, B, vaddr, maddr, vsize):
@@ -296,9 +297,8 @@ def _compiled():
                 # x[(i*B + b)*blk + j] = x[b, i*blk + j]; xt (B*Kt,) f32: the Kt = K % blk tail inputs
                 nblk = K // blk
                 half = K // 2
-                # x block stride: one cache line of padding for large layers (see _block_major)
-                big = with_tiles and O * half * vals.itemsize >= _TILE_MIN_BYTES
-                xblk = B * blk + (64 // x.itemsize if B > 1 and big else 0)
+                # x block stride, padded or not (see _block_major): x holds exactly nblk blocks
+                xblk = x.shape[0] // nblk if nblk > 0 else 0
                 row_bytes = (K // 2 * 2 + 7) // 8
                 kt = K - nblk * blk
                 vaddr, maddr, vsize = vals.ctypes.data, meta.ctypes.data, vals.itemsize
@@ -312,7 +312,7 @@ def _compiled():
                 tiled = False
                 ot = 0  # rows the tiles compute
                 if with_tiles:  # a compile-time constant: the serial driver (small layers) has no tiles
-                    tiled = B >= 8 and nblk > 0 and big
+                    tiled = B >= 8 and nblk > 0 and O * half * vsize >= _TILE_MIN_BYTES
                     nr = 2 if B < 24 else 4
                     if tiled:
                         ot = O // nr * nr
@@ -442,8 +442,8 @@ def _select(nmt, kernel: str | None):
 
 
 def _block_major(xm: torch.Tensor, blk: int, padded: bool) -> torch.Tensor:
-    """(B, nblk*blk) -> block-major rows, x[i*xblk + b*blk + j] = x[b, i*blk + j]; ``padded``
-    (large layers, where the driver says so too) adds one cache line after each block's B*blk
+    """(B, nblk*blk) -> block-major rows, x[i*xblk + b*blk + j] = x[b, i*blk + j] (the driver
+    reads xblk off the length); ``padded`` (large layers) adds one cache line after each block's B*blk
     values (xblk = B*blk + 64 bytes): a block's rows take an even number of lines, and with an odd
     stride in lines consecutive blocks fall on different L1 sets (at 4 KB strides, batch 32 bf16,
     a K chunk of x thrashed 16 of the 64 sets: 0.6x). Small layers skip the extra copy."""
@@ -453,7 +453,7 @@ def _block_major(xm: torch.Tensor, blk: int, padded: bool) -> torch.Tensor:
         return xm.reshape(b, nblk, blk).transpose(0, 1).contiguous()
     pad = 64 // xm.element_size()
     buf = torch.empty(nblk, b * blk + pad, dtype=xm.dtype)
-    buf[:, :b * blk].view(nblk, b, blk).copy_(xm.view(b, nblk, blk).transpose(0, 1))
+    buf[:, :b * blk].view(nblk, b, blk).copy_(xm.reshape(b, nblk, blk).transpose(0, 1))
     return buf
 
 
