@@ -17,7 +17,7 @@ Kernels (each checked against the pure-torch ``reference_matmul`` in the tests):
   (the batch rows of one block side by side) so those loads come from a few cache lines. Large
   layers (>= 2 MB of kept values) at batch >= 8 run in tiles of 64 rows with K cut into chunks,
   each chunk over all the tile's rows before the next (its x stays in L1, the tile's weights stay
-  in L2 across batch passes), 2 rows x 8 batch rows per call below batch 24, 4 x 4 above.
+  in L2 across batch passes), 2 rows x 8 batch rows per call below batch 12, 4 x 4 above.
   Written as LLVM IR through numba intrinsics: numba cannot express the permutes.
 - generic: any N:M, any K, scalar numba; the fallback and the non-2:4 path.
 """
@@ -31,8 +31,8 @@ import torch
 # Bump on any change to the kernels' speed: SparseLinear's dispatch crossovers cached on disk are
 # keyed by it (sparsewise.nm.linear), so they are measured again. 2: lane sums in vector ops and
 # the vpmultishiftqb decode (this was 1 implicitly); 3: L2 prefetch of the next rows when short;
-# 4: row tiles with K chunks at batch >= 8, padded block-major x.
-KERNELS_VERSION = 4
+# 4: row tiles with K chunks at batch >= 8, padded block-major x; 5: 4x4 tiles from batch 12.
+KERNELS_VERSION = 5
 # row tiles for large layers at batch >= 8 (make_driver): output rows per tile, 64-input blocks
 # per K chunk (bf16: 8 batch rows x 32 blocks of x = 32 KB, inside L1), row-steps of prefetch
 # distance, and the weight bytes above which tiles are used (under it the rows sit in cache)
@@ -286,8 +286,9 @@ def _compiled():
 
             return tile
 
-        # measured (bf16, Llama-2 shapes, paired): 2 rows x 8 batch rows win at batch 8-16 (one
-        # pass streams the weights with every x load shared by 2 rows), 4x4 at batch 32
+        # measured (bf16, Llama-2 shapes, paired): 2 rows x 8 batch rows win at batch 8-10 (one
+        # pass streams the weights with every x load shared by 2 rows; 4x4 there 0.92-1.09x),
+        # 4x4 from batch 12 (1.04-1.13x over 2x8 at 12-20, with x padded) and at 32
         tile8x2, tile4x4 = make_tile(8, 2), make_tile(4, 4)
 
         def make(with_tiles):
@@ -313,7 +314,7 @@ def _compiled():
                 ot = 0  # rows the tiles compute
                 if with_tiles:  # a compile-time constant: the serial driver (small layers) has no tiles
                     tiled = B >= 8 and nblk > 0 and O * half * vsize >= _TILE_MIN_BYTES
-                    nr = 2 if B < 24 else 4
+                    nr = 2 if B < 12 else 4
                     if tiled:
                         ot = O // nr * nr
                         for t in numba.prange((ot + _TILE_ROWS - 1) // _TILE_ROWS):
