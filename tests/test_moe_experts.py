@@ -241,10 +241,12 @@ def test_kernels_refuse_inconsistent_groups():
         grouped_matvec(w, torch.randn(2, 5), torch.tensor([0, 2, 2, 2]), [0])
 
 
-@pytest.mark.parametrize("prepack", [False, True])
-def test_bf16_mixed_kernel_and_gemm_paths(prepack):
+@pytest.mark.parametrize("prepack,grouped_max", [(False, 10**9), (False, 1), (True, 10**9)])
+def test_bf16_mixed_kernel_and_gemm_paths(prepack, grouped_max, monkeypatch):
     # bf16 inference: experts with few rows in the streaming kernel, the others in a grouped GEMM
-    # (plain weights) or oneDNN on prepacked copies
+    # (plain weights, up to GROUPED_MM_MAX_ROWS rows an expert), F.linear per expert (more rows)
+    # or oneDNN on prepacked copies
+    monkeypatch.setattr(experts_mod, "GROUPED_MM_MAX_ROWS", grouped_max)
     torch.manual_seed(9)
     moe = MoE(64, 48, 5, 2, dtype=torch.bfloat16).set_prepack(prepack)
     x = torch.randn(30, 64).to(torch.bfloat16)

@@ -45,6 +45,12 @@ DECODE_ROWS_DP = 24
 # at a few rows: kernel 1.59x (fp32) / 1.13x (bf16) at 2 rows, 0.90x / 0.61x at 4
 DECODE_ROWS_PREPACKED = {torch.float32: 2, torch.bfloat16: 2}
 
+# Above this many rows per expert (mean over the experts taking a GEMM) bf16 inference calls
+# F.linear per expert instead of one F.grouped_mm: measured (Zen 5, bf16 SwiGLU experts, gate_up
+# + down) F.linear was 1.14-1.28x faster at 32-512 rows on the Mixtral shape (8 x 1024 x 2816) and
+# 1.42x at 192 rows on the DeepSeek shape (64 x 1024 x 512); at 8-32 rows the two were 0.94-1.01x.
+GROUPED_MM_MAX_ROWS = 64
+
 
 def uniform_plan(num_tokens: int, device: torch.device | str | None = None) -> RoutingPlan:
     """Every token to expert 0 with weight 1 (how shared experts reuse the expert kernels)."""
@@ -53,6 +59,7 @@ def uniform_plan(num_tokens: int, device: torch.device | str | None = None) -> R
                        torch.ones(num_tokens, 1, device=device), tokens, tokens,
                        torch.tensor([num_tokens], device=device), torch.tensor([0, num_tokens], device=device),
                        [num_tokens])
+
 
 
 class Experts(nn.Module):
@@ -227,9 +234,11 @@ class Experts(nn.Module):
             for e in small:
                 y[off[e]:off[e + 1]] = y_small[off[e]:off[e + 1]]
         packed = self._prepacked() if self.prepack else None
-        if packed is None and self.gate_up.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
-            # bf16, plain weights: one grouped GEMM over the big experts' rows (empty groups for
-            # the others, no weight copies): faster than the kernel from 5-8 rows, and than F.linear
+        if (packed is None and self.gate_up.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+                and sum(plan.counts_list[e] for e in big) < GROUPED_MM_MAX_ROWS * len(big)):
+            # bf16, plain weights, up to GROUPED_MM_MAX_ROWS rows an expert on average: one grouped
+            # GEMM over the big experts' rows (empty groups for the others, no weight copies):
+            # faster than the kernel from 5-8 rows; with more rows, F.linear per expert below
             rows = torch.cat([torch.arange(off[e], off[e + 1]) for e in big])
             counts = torch.zeros(self.num_experts, dtype=torch.int64)
             counts[big] = plan.counts[big]
