@@ -48,7 +48,8 @@ DECODE_ROWS_PREPACKED = {torch.float32: 2, torch.bfloat16: 2}
 # Above this many rows per expert (mean over the experts taking a GEMM) bf16 inference calls
 # F.linear per expert instead of one F.grouped_mm: measured (Zen 5, bf16 SwiGLU experts, gate_up
 # + down) F.linear was 1.14-1.28x faster at 32-512 rows on the Mixtral shape (8 x 1024 x 2816) and
-# 1.42x at 192 rows on the DeepSeek shape (64 x 1024 x 512); at 8-32 rows the two were 0.94-1.01x.
+# 1.42x at 192 rows on the DeepSeek shape (64 x 1024 x 512); below that (Mixtral 8-16 rows,
+# DeepSeek 16-32) the two were 0.94-1.01x.
 GROUPED_MM_MAX_ROWS = 64
 
 
@@ -59,7 +60,6 @@ def uniform_plan(num_tokens: int, device: torch.device | str | None = None) -> R
                        torch.ones(num_tokens, 1, device=device), tokens, tokens,
                        torch.tensor([num_tokens], device=device), torch.tensor([0, num_tokens], device=device),
                        [num_tokens])
-
 
 
 class Experts(nn.Module):
