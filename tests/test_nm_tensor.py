@@ -392,3 +392,44 @@ def test_state_metadata_and_prefix():
     assert torch.equal(q.to_dense(), p.to_dense())
     with pytest.raises(ValueError, match="src-name"):
         NMTensor.from_state(tensors, meta, source="src-name")  # no prefix -> keys missing
+
+
+# ------------------------------------------------------------------ compiled 2:4 expander
+
+@PROPS
+@given(st.integers(0, 9), st.integers(1, 40), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       st.integers(0, 2**31 - 1))
+def test_decompress_24_matches_the_scatter_bit_for_bit(rows, groups, dtype, seed):
+    # any number of groups of 4 (odd counts leave half of the last index byte unused), and
+    # special values (NaN, +-Inf, -0.0) kept exactly as stored
+    from sparsewise.nm.kernels import decompress_24
+
+    w = randn(rows, 4 * groups, seed=seed, dtype=dtype)
+    if w.numel():
+        special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0]).to(dtype)
+        flat = w.view(-1)
+        pick = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:4]
+        flat[pick] = special[:pick.numel()]
+    p = NMTensor.from_dense(w, 2, 4)
+    want = p.scatter_dense()
+    got = p.to_dense()
+    bits = {2: torch.int16, 4: torch.int32}[w.element_size()]
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got.view(bits), want.view(bits))
+    out = torch.full_like(want, 7.0)  # into a caller's buffer: every element is written
+    assert decompress_24(p.values, p.indices, out) is out
+    assert torch.equal(out.view(bits), want.view(bits))
+
+
+def test_decompress_24_rejects_what_does_not_fit():
+    from sparsewise.nm.kernels import decompress_24
+
+    p = NMTensor.from_dense(torch.randn(3, 16), 2, 4)
+    with pytest.raises(ValueError, match="indices"):
+        decompress_24(p.values, p.indices[:, :1])
+    with pytest.raises(ValueError, match="out must be"):
+        decompress_24(p.values, p.indices, torch.empty(3, 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be"):
+        decompress_24(p.values, p.indices, torch.empty(16, 3).T)
+    with pytest.raises(TypeError, match="float32/bfloat16/float16"):
+        decompress_24(p.values.double(), p.indices)

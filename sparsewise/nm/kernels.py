@@ -38,7 +38,8 @@ KERNELS_VERSION = 5
 # distance, and the weight bytes above which tiles are used (under it the rows sit in cache)
 _TILE_ROWS, _TILE_BLOCKS, _TILE_AHEAD, _TILE_MIN_BYTES = 64, 32, 2, 2 << 20
 
-__all__ = ["KERNELS_VERSION", "cpu_flags", "avx512_available", "nm24_supported", "available_kernels", "nm_matmul", "reference_matmul"]
+__all__ = ["KERNELS_VERSION", "cpu_flags", "avx512_available", "nm24_supported", "available_kernels", "nm_matmul",
+           "reference_matmul", "decompress_24"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -393,6 +394,72 @@ def _compiled():
 
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_decompress():
+    # 2:4 -> dense, one 64-bit store per group of 4 outputs for 16-bit values (the two kept
+    # values shifted to their positions, zeros elsewhere), four selects per group for 32-bit
+    import numba
+
+    def make16(parallel):
+        @numba.njit(parallel=parallel)
+        def expand16(vals, meta, out):
+            # vals (R, K/2) uint16 ; meta (R, ceil(K/8)) uint8 ; out (R, K/4) uint64
+            for r in numba.prange(out.shape[0]):
+                for g in range(out.shape[1]):
+                    code = (np.uint64(meta[r, g >> 1]) >> np.uint64(4 * (g & 1))) & np.uint64(15)
+                    v0 = np.uint64(vals[r, 2 * g])
+                    v1 = np.uint64(vals[r, 2 * g + 1])
+                    out[r, g] = (v0 << (np.uint64(16) * (code & np.uint64(3)))) | \
+                        (v1 << (np.uint64(16) * (code >> np.uint64(2))))
+        return expand16
+
+    def make32(parallel):
+        @numba.njit(parallel=parallel)
+        def expand32(vals, meta, out):
+            # vals (R, K/2) uint32 ; meta (R, ceil(K/8)) uint8 ; out (R, K) uint32
+            for r in numba.prange(out.shape[0]):
+                for g in range(out.shape[1] // 4):
+                    code = (meta[r, g >> 1] >> (4 * (g & 1))) & 15
+                    i0, i1 = code & 3, code >> 2
+                    v0, v1 = vals[r, 2 * g], vals[r, 2 * g + 1]
+                    for c in range(4):
+                        out[r, 4 * g + c] = v0 if c == i0 else (v1 if c == i1 else 0)
+        return expand32
+
+    return {16: (make16(True), make16(False)), 32: (make32(True), make32(False))}
+
+
+def decompress_24(values: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A 2:4 weight's kept ``values`` (R, K/2) and index bytes (R, ceil(K/8)) -> dense (R, K), the
+    same bits ``NMTensor.to_dense`` gives (pruned positions +0, NaN/Inf kept as stored), written
+    into ``out`` when given (contiguous, same dtype). CPU, float32 / bfloat16 / float16. Bound by
+    the bytes it writes (~100 GB/s in L2 for bf16 on the second development host), e.g. to run a
+    batch-heavy product on torch's dense GEMM without keeping a dense copy."""
+    r, half = values.shape
+    k = 2 * half
+    size = values.element_size()
+    if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"decompress_24 takes CPU float32/bfloat16/float16 values, got {values.dtype} on {values.device}")
+    if k % 4 or indices.dtype != torch.uint8 or tuple(indices.shape) != (r, (k + 7) // 8):
+        raise ValueError(f"2:4 values {tuple(values.shape)} need uint8 indices {(r, (k + 7) // 8)}, "
+                         f"got {indices.dtype} {tuple(indices.shape)}")
+    if out is None:
+        out = torch.empty(r, k, dtype=values.dtype)
+    elif out.shape != (r, k) or out.dtype != values.dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"out must be a contiguous CPU {values.dtype} tensor of shape {(r, k)}")
+    if out.numel() == 0:
+        return out
+    vals = values.detach().contiguous()
+    par, ser = _compiled_decompress()[8 * size]
+    kern = ser if out.numel() * size < _SERIAL_BYTES else par
+    meta = indices.contiguous().numpy()
+    if size == 2:
+        kern(vals.view(torch.int16).numpy().view(np.uint16), meta, out.view(torch.int64).numpy().view(np.uint64))
+    else:
+        kern(vals.view(torch.int32).numpy().view(np.uint32), meta, out.view(torch.int32).numpy().view(np.uint32))
+    return out
+
+
 def _as_kernel_values(values: torch.Tensor) -> np.ndarray:
     if values.dtype == torch.bfloat16:
         return values.view(torch.int16).numpy().reshape(-1)
@@ -492,4 +559,4 @@ def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, kerne
 
 def reference_matmul(x2d: torch.Tensor, nmt) -> torch.Tensor:
     """Pure-torch oracle: decompress and multiply in float32."""
-    return x2d.to(torch.float32) @ nmt.to_dense().to(torch.float32).T
+    return x2d.to(torch.float32) @ nmt.scatter_dense().to(torch.float32).T
