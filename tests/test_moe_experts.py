@@ -282,6 +282,39 @@ def test_bf16_dp_threshold_mixes_kernel_and_grouped_gemm():
     torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.03)
 
 
+@pytest.mark.skipif(not dp_available(), reason="needs AVX512_BF16")
+@pytest.mark.parametrize("min_rows", [1, 6, 10**9])
+def test_bf16_24_experts_mix_kernel_and_expanded_gemm(min_rows, monkeypatch):
+    # 2:4 bf16 inference: experts with at least NM_GEMM_MIN_ROWS rows are expanded to dense and
+    # run on torch's GEMM, the others in the 2:4 kernel; all, some or none expanded, odd dims
+    # (in_features 68 and 36: whole 64-input blocks plus a tail), a shared expert
+    monkeypatch.setattr(experts_mod, "NM_GEMM_MIN_ROWS", min_rows)
+    torch.manual_seed(5)
+    moe = MoE(68, 36, 5, 2, expert_weights="2:4", shared_experts=1, dtype=torch.bfloat16)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        for e in range(5):
+            moe.router.weight[e, e] = 10.0
+    x = 0.01 * torch.randn(13, 68)
+    x[:9, 0], x[:9, 1] = 1.0, 0.5     # 9 tokens to experts 0 and 1
+    x[9:, 2], x[9:, 3] = 1.0, 0.5     # 4 to experts 2 and 3
+    x = x.to(torch.bfloat16)
+    with torch.no_grad():
+        y = moe(x)
+        assert sorted(moe.last_plan.counts_list) == [0, 4, 4, 9, 9]
+        big = moe.experts._nm_gemm_experts(moe.last_plan, moe.experts._nm_kernel())
+        assert big == {1: [0, 1, 2, 3], 6: [0, 1], 10**9: []}[min_rows]
+        # the oracle's weights from torch's scatter, not from the expander under test
+        def scattered(ex):
+            return [torch.stack([t.scatter_dense() for t in ts]) for ts in ex.packed]
+
+        p = moe.last_plan
+        ref = reference_moe(x, p.expert_ids, p.weights, *scattered(moe.experts)) + reference_moe(
+            x, torch.zeros(13, 1, dtype=torch.long), torch.ones(13, 1), *scattered(moe.shared))  # 13 rows
+    assert moe.experts.weights_format == moe.shared.weights_format == "2:4"
+    torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.03)
+
+
 # ---------------------------------------------------------------- fused dense decode (decode_swiglu)
 def _unfused_decode(gu, dn, x, plan):
     used = plan.used_experts()

@@ -13,6 +13,9 @@ Paths, chosen per call:
 - inference on CPU, dense weights: experts with at most ``DECODE_ROWS`` rows (decode) go through
   the numba ``grouped_matvec``, which reads each used expert once for all its rows; experts with
   more rows take torch's GEMM (on oneDNN-prepacked weights after ``set_prepack()``).
+- inference on CPU, 2:4 weights: the 2:4 kernels (fused with gather and SwiGLU when every expert
+  stays in them); in bf16, experts with at least ``NM_GEMM_MIN_ROWS`` rows are expanded to dense
+  in a scratch matrix and take torch's GEMM (prefill), so no dense copy is kept.
 - otherwise: per used expert, one torch GEMM for gate+up (fused) and one for down on the
   gathered rows (autograd flows to x, the weights and the routing weights).
 """
@@ -23,11 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nm.functional import nm_linear
+from ..nm.kernels import decompress_24
 from ..nm.tensor import NMTensor
 from .kernels import ACTIVATIONS, activate, decode_swiglu, decode_swiglu_nm, dp_kernel_applies, grouped_matvec, grouped_nm_matmul
 from .routing import RoutingPlan
 
-__all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_DP", "DECODE_ROWS_PREPACKED", "uniform_plan"]
+__all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_DP", "DECODE_ROWS_PREPACKED", "NM_GEMM_MIN_ROWS", "uniform_plan"]
 
 # rows per expert up to which the weight-streaming kernel beat torch's GEMM on the development
 # machine, Mixtral-sized experts, interleaved pairs: fp32 vs F.linear 2.6x at 64 rows (MKL's fp32
@@ -51,6 +55,16 @@ DECODE_ROWS_PREPACKED = {torch.float32: 2, torch.bfloat16: 2}
 # 1.42x at 192 rows on the DeepSeek shape (64 x 1024 x 512); below that (Mixtral 8-16 rows,
 # DeepSeek 16-32) the two were 0.94-1.01x.
 GROUPED_MM_MAX_ROWS = 64
+
+# 2:4 experts in bf16 ("dp" kernel): an expert with at least this many rows is expanded to dense
+# (sparsewise.nm.kernels.decompress_24, into one scratch matrix per call: no dense copy is kept)
+# and multiplied by torch's GEMM; fewer rows stay in the 2:4 kernel. Whole Experts call, every
+# expert at the same row count, kernel vs expand + F.linear (Zen 5, 2 threads): Mixtral shape
+# (8 x 1024 x 2816) 0.77x at 32 rows, 1.01x at 64, 1.08x at 96, 1.39x at 192; DeepSeek shape
+# (64 x 1024 x 512) 0.96x / 1.04x / 1.19x at 48 / 64 / 96; one 1024 x 1024 expert (in cache)
+# 0.84x at 64, 1.02x at 96, 1.32x at 256. fp32 stays in the kernel at every size (MKL's fp32 GEMM
+# on the AMD hosts: expand + F.linear 0.52x at 128 rows, 0.73x at 512).
+NM_GEMM_MIN_ROWS = 96
 
 
 def uniform_plan(num_tokens: int, device: torch.device | str | None = None) -> RoutingPlan:
@@ -193,7 +207,7 @@ class Experts(nn.Module):
                     and max(plan.counts_list) <= self._decode_limit()):
                 return decode_swiglu(self.gate_up, self.down, *plan_args).to(x.dtype)
             kernel = self._nm_kernel() if self.packed is not None else None
-            if kernel is not None:
+            if kernel is not None and not self._nm_gemm_experts(plan, kernel):
                 return decode_swiglu_nm(self.gate_up_values, self.gate_up_indices, self.down_values,
                                         self.down_indices, *plan_args, kernel).to(x.dtype)
         xs = x.index_select(0, plan.token_index)
@@ -278,15 +292,36 @@ class Experts(nn.Module):
         usable_dn = available_kernels(self.packed[1][0])
         return next((k for k in usable if k in usable_dn), None)
 
+    def _nm_gemm_experts(self, plan: RoutingPlan, kernel: str) -> list[int]:
+        # experts that run expanded to dense on torch's GEMM (see NM_GEMM_MIN_ROWS)
+        if kernel != "dp":
+            return []
+        return [e for e in plan.used_experts() if plan.counts_list[e] >= NM_GEMM_MIN_ROWS]
+
     def _sparse(self, xs: torch.Tensor, plan: RoutingPlan, grad: bool) -> torch.Tensor:
         gu, dn = self.packed
         off = plan.offsets.tolist()
         kernel = None if grad or xs.device.type != "cpu" else self._nm_kernel()
-        if kernel is not None:  # inference: every used expert in one launch per matrix
-            used = plan.used_experts()
-            h = grouped_nm_matmul(self.gate_up_values, self.gate_up_indices, xs, plan.offsets, used, kernel)
-            return grouped_nm_matmul(self.down_values, self.down_indices, activate(h, self.activation),
-                                     plan.offsets, used, kernel)
+        if kernel is not None:
+            # inference: the experts with few rows in one 2:4 kernel launch per matrix, the
+            # others expanded to dense (one scratch matrix each, reused) on torch's GEMM
+            big = self._nm_gemm_experts(plan, kernel)
+            small = [e for e in plan.used_experts() if e not in big]
+            if small:
+                h = grouped_nm_matmul(self.gate_up_values, self.gate_up_indices, xs, plan.offsets, small, kernel)
+                y = grouped_nm_matmul(self.down_values, self.down_indices, activate(h, self.activation),
+                                      plan.offsets, small, kernel)
+            else:
+                y = torch.empty(xs.shape[0], self.d_model, dtype=torch.float32)
+            if big:
+                w_gu = torch.empty(gu[0].shape, dtype=self.dtype)
+                w_dn = torch.empty(dn[0].shape, dtype=self.dtype)
+                xb = xs.to(self.dtype)
+                for e in big:
+                    h = F.linear(xb[off[e]:off[e + 1]], decompress_24(self.gate_up_values[e], self.gate_up_indices[e], w_gu))
+                    y[off[e]:off[e + 1]] = F.linear(activate(h, self.activation),
+                                                    decompress_24(self.down_values[e], self.down_indices[e], w_dn))
+            return y
         outs = []
         for e in plan.used_experts():
             xe = xs[off[e]:off[e + 1]]
