@@ -302,7 +302,7 @@ def test_bf16_24_experts_mix_kernel_and_expanded_gemm(min_rows, monkeypatch):
     with torch.no_grad():
         y = moe(x)
         assert sorted(moe.last_plan.counts_list) == [0, 4, 4, 9, 9]
-        big = moe.experts._nm_gemm_experts(moe.last_plan, moe.experts._nm_kernel())
+        big = moe.experts._gemm_experts(moe.last_plan, moe.experts._nm_kernel())
         assert big == {1: [0, 1, 2, 3], 6: [0, 1], 10**9: []}[min_rows]
         # the oracle's weights from torch's scatter, not from the expander under test
         def scattered(ex):
@@ -313,6 +313,42 @@ def test_bf16_24_experts_mix_kernel_and_expanded_gemm(min_rows, monkeypatch):
             x, torch.zeros(13, 1, dtype=torch.long), torch.ones(13, 1), *scattered(moe.shared))  # 13 rows
     assert moe.experts.weights_format == moe.shared.weights_format == "2:4"
     torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.03)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu"])
+@pytest.mark.parametrize("weights,dtype", [("dense", torch.float32), ("dense", torch.bfloat16),
+                                           ("2:4", torch.float32), ("2:4", torch.bfloat16)])
+def test_inference_splits_kernel_and_gemm_experts(activation, weights, dtype, monkeypatch):
+    # inference: the experts under the row thresholds in one compiled call (fused for SwiGLU,
+    # grouped kernels for the others) on the plan restricted to them, the rest on torch's GEMM
+    # adding their weighted rows into the same output; thresholds forced so both kinds occur
+    for name in ("DECODE_ROWS", "DECODE_ROWS_PREPACKED"):
+        monkeypatch.setattr(experts_mod, name, {torch.float32: 5, torch.bfloat16: 5})
+    monkeypatch.setattr(experts_mod, "DECODE_ROWS_DP", 5)
+    monkeypatch.setattr(experts_mod, "NM_GEMM_MIN_ROWS", 6)
+    torch.manual_seed(8)
+    moe = MoE(68, 36, 5, 2, activation=activation, expert_weights=weights, dtype=dtype)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        for e in range(5):
+            moe.router.weight[e, e] = 10.0
+    x = 0.01 * torch.randn(14, 68)
+    x[:10, 0], x[:10, 1] = 1.0, 0.5   # 10 tokens to experts 0 and 1
+    x[10:, 2], x[10:, 3] = 1.0, 0.5   # 4 to experts 2 and 3
+    x = x.to(dtype)
+    with torch.no_grad():
+        y = moe(x)
+        plan = moe.last_plan
+        kernel = moe.experts._nm_kernel() if weights == "2:4" else None
+        big = moe.experts._gemm_experts(plan, kernel)
+        if weights == "dense" or kernel == "dp":
+            assert big == [0, 1], plan.counts_list
+        gu, dn = ((moe.experts.gate_up, moe.experts.down) if weights == "dense" else
+                  [torch.stack([t.scatter_dense() for t in ts]) for ts in moe.experts.packed])
+        ref = reference_moe(x, plan.expert_ids, plan.weights, gu, dn, activation)
+    tol = 2e-5 if dtype == torch.float32 else 0.03
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref, atol=tol, rtol=tol)
 
 
 # ---------------------------------------------------------------- fused dense decode (decode_swiglu)

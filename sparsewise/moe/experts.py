@@ -195,28 +195,33 @@ class Experts(nn.Module):
         """(T, D) tokens and their plan -> (T, D): sum over each token's kept experts of
         weight * expert(x). Dropless unless the plan dropped assignments (capacity mode)."""
         self._check(x, plan)
-        out = torch.zeros_like(x)
         if not plan.token_index.numel():
-            return out + 0.0 * plan.weights.sum().to(x.dtype)  # keep the graph for empty routes
+            return torch.zeros_like(x) + 0.0 * plan.weights.sum().to(x.dtype)  # keep the graph for empty routes
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if not grad and self.activation == "swiglu" and x.device.type == "cpu":
-            # inference: gather, gate+up, SwiGLU, down and the weighted sum in one compiled call
-            # (dense: decode sizes; 2:4: every size)
-            plan_args = (x, plan.token_index, plan.sorted_weights, plan.offsets, plan.used_experts())
-            if (self.packed is None and self.gate_up.dtype in (torch.float32, torch.bfloat16)
-                    and max(plan.counts_list) <= self._decode_limit()):
-                return decode_swiglu(self.gate_up, self.down, *plan_args).to(x.dtype)
+        if not grad and x.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
             kernel = self._nm_kernel() if self.packed is not None else None
-            if kernel is not None and not self._nm_gemm_experts(plan, kernel):
-                return decode_swiglu_nm(self.gate_up_values, self.gate_up_indices, self.down_values,
-                                        self.down_indices, *plan_args, kernel).to(x.dtype)
+            if self.packed is None or kernel is not None:
+                return self._infer(x, plan, kernel).to(x.dtype)
+        # training (autograd through torch's GEMMs), other devices and dtypes, patterns without
+        # a compiled kernel: per used expert, one product for gate+up (fused) and one for down
         xs = x.index_select(0, plan.token_index)
-        if self.packed is None:
-            y = self._dense(xs, plan, grad)
-        else:
-            y = self._sparse(xs, plan, grad)
+        off = plan.offsets.tolist()
+        outs = []
+        for e in plan.used_experts():
+            xe = xs[off[e]:off[e + 1]]
+            if self.packed is None:
+                h = F.linear(xe, self.gate_up[e])
+                outs.append(F.linear(activate(h, self.activation), self.down[e]))
+            elif grad:
+                gu, dn = self.packed
+                h = nm_linear(xe, gu[e], values=self.gate_up_values[e])
+                outs.append(nm_linear(activate(h, self.activation), dn[e], values=self.down_values[e]))
+            else:
+                gu, dn = self.packed
+                outs.append(nm_linear(activate(nm_linear(xe, gu[e]), self.activation), dn[e]))
+        y = torch.cat(outs) if len(outs) > 1 else outs[0]
         y = y * plan.sorted_weights.unsqueeze(1).to(y.dtype)
-        return out.index_add(0, plan.token_index, y.to(x.dtype))
+        return torch.zeros_like(x).index_add(0, plan.token_index, y.to(x.dtype))
 
     def _decode_limit(self) -> int:
         # rows per expert up to which inference takes the weight-streaming kernels
@@ -224,52 +229,89 @@ class Experts(nn.Module):
             return DECODE_ROWS_DP
         return (DECODE_ROWS_PREPACKED if self.prepack else DECODE_ROWS)[self.gate_up.dtype]
 
-    def _dense(self, xs: torch.Tensor, plan: RoutingPlan, grad: bool) -> torch.Tensor:
-        used = plan.used_experts()
-        off = plan.offsets.tolist()
-        if grad or xs.device.type != "cpu" or self.gate_up.dtype not in (torch.float32, torch.bfloat16):
-            outs = []
-            for e in used:
-                h = F.linear(xs[off[e]:off[e + 1]], self.gate_up[e])
-                outs.append(F.linear(activate(h, self.activation), self.down[e]))
-            return torch.cat(outs) if len(outs) > 1 else outs[0]
-        # inference: experts with few rows stream their weights once through the numba kernel,
-        # the others take a GEMM (prepacked oneDNN weights when enabled)
-        limit = self._decode_limit()
-        small = [e for e in used if plan.counts_list[e] <= limit]
-        big = [e for e in used if plan.counts_list[e] > limit]
-        if not big:
-            h = grouped_matvec(self.gate_up, xs, plan.offsets, small)
-            return grouped_matvec(self.down, activate(h, self.activation), plan.offsets, small)
-        y = torch.empty(xs.shape[0], self.d_model, dtype=torch.float32)
+    def _gemm_experts(self, plan: RoutingPlan, kernel: str | None) -> list[int]:
+        # the used experts that run on torch's GEMM in inference; the others take the kernels.
+        # dense: more rows than the streaming kernels win at; 2:4: see NM_GEMM_MIN_ROWS
+        if self.packed is None:
+            limit = self._decode_limit()
+            return [e for e in plan.used_experts() if plan.counts_list[e] > limit]
+        if kernel != "dp":
+            return []
+        return [e for e in plan.used_experts() if plan.counts_list[e] >= NM_GEMM_MIN_ROWS]
+
+    def _infer(self, x: torch.Tensor, plan: RoutingPlan, kernel: str | None) -> torch.Tensor:
+        """Inference on CPU -> (T, D) float32: the experts with few rows in one compiled call
+        (gather, gate+up, activation, down, weighted sum; 2:4 weights through ``kernel``), the
+        others on torch's GEMM one expert at a time, each adding its weighted rows into the output.
+        Every temporary is per expert: (T*k, D) buffers of all routed rows came from fresh pages on
+        every call once they outgrew glibc's mmap threshold (measured, DeepSeek shape at 2048
+        tokens: ~37k page faults and +40 ms a call, depending on the process's allocation history)."""
+        big = self._gemm_experts(plan, kernel)
+        small = [e for e in plan.used_experts() if e not in big]
+        out = None
         if small:
-            h = grouped_matvec(self.gate_up, xs, plan.offsets, small)
-            y_small = grouped_matvec(self.down, activate(h, self.activation), plan.offsets, small)
-            for e in small:
-                y[off[e]:off[e + 1]] = y_small[off[e]:off[e + 1]]
-        packed = self._prepacked() if self.prepack else None
-        if (packed is None and self.gate_up.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+            tok, wts, offs = plan.token_index, plan.sorted_weights, plan.offsets
+            if big:  # the plan restricted to the small experts
+                keep = torch.ones(self.num_experts, dtype=torch.bool)
+                keep[big] = False
+                rows = keep.repeat_interleave(plan.counts)
+                tok, wts = tok[rows], wts[rows]
+                offs = torch.cat([plan.offsets[:1], (plan.counts * keep).cumsum(0)])
+            out = self._kernel_experts(x, tok, wts, offs, small, kernel)
+        if out is None:
+            out = torch.zeros(x.shape, dtype=torch.float32)
+        if not big:
+            return out
+        off = plan.offsets.tolist()
+        sw = plan.sorted_weights
+        if (self.packed is None and not self.prepack and self.gate_up.dtype == torch.bfloat16
+                and hasattr(F, "grouped_mm") and self.d_model % 8 == 0 and self.d_ff % 8 == 0  # 16-byte strides
                 and sum(plan.counts_list[e] for e in big) < GROUPED_MM_MAX_ROWS * len(big)):
             # bf16, plain weights, up to GROUPED_MM_MAX_ROWS rows an expert on average: one grouped
             # GEMM over the big experts' rows (empty groups for the others, no weight copies):
             # faster than the kernel from 5-8 rows; with more rows, F.linear per expert below
             rows = torch.cat([torch.arange(off[e], off[e + 1]) for e in big])
+            tok = plan.token_index[rows]
             counts = torch.zeros(self.num_experts, dtype=torch.int64)
             counts[big] = plan.counts[big]
             offs = counts.cumsum(0).to(torch.int32)
-            h = F.grouped_mm(xs.index_select(0, rows).contiguous(), self.gate_up.transpose(-2, -1), offs=offs)
-            yb = F.grouped_mm(activate(h, self.activation).contiguous(), self.down.transpose(-2, -1), offs=offs)
-            y.index_copy_(0, rows, yb.to(torch.float32))
-            return y
+            h = F.grouped_mm(x.index_select(0, tok), self.gate_up.transpose(-2, -1), offs=offs)
+            y = F.grouped_mm(activate(h, self.activation).contiguous(), self.down.transpose(-2, -1), offs=offs)
+            return out.index_add_(0, tok, y.to(torch.float32).mul_(sw[rows].unsqueeze(1)))
+        prepacked = self._prepacked() if self.prepack and self.packed is None else None
+        if self.packed is not None:  # one scratch matrix per weight shape, reused by every expert
+            w_gu = torch.empty(self.packed[0][0].shape, dtype=self.dtype)
+            w_dn = torch.empty(self.packed[1][0].shape, dtype=self.dtype)
         for e in big:
-            xe = xs[off[e]:off[e + 1]]
-            if packed is not None:
-                h = torch.ops.mkldnn._linear_pointwise(xe, packed[0][e], None, "none", [], "")
-                ye = torch.ops.mkldnn._linear_pointwise(activate(h, self.activation), packed[1][e], None, "none", [], "")
+            tok = plan.token_index[off[e]:off[e + 1]]
+            xe = x.index_select(0, tok)
+            if self.packed is not None:
+                h = F.linear(xe, decompress_24(self.gate_up_values[e], self.gate_up_indices[e], w_gu))
+                y = F.linear(activate(h, self.activation), decompress_24(self.down_values[e], self.down_indices[e], w_dn))
+            elif prepacked is not None:
+                linear = torch.ops.mkldnn._linear_pointwise
+                h = linear(xe, prepacked[0][e], None, "none", [], "")
+                y = linear(activate(h, self.activation), prepacked[1][e], None, "none", [], "")
             else:
-                ye = F.linear(activate(F.linear(xe, self.gate_up[e]), self.activation), self.down[e])
-            y[off[e]:off[e + 1]] = ye
-        return y
+                y = F.linear(activate(F.linear(xe, self.gate_up[e]), self.activation), self.down[e])
+            out.index_add_(0, tok, y.to(torch.float32).mul_(sw[off[e]:off[e + 1]].unsqueeze(1)))
+        return out
+
+    def _kernel_experts(self, x, tok, wts, offs, used, kernel) -> torch.Tensor:
+        # (T, D) float32 from the experts in ``used`` through the compiled kernels
+        if self.activation == "swiglu":  # one fused call
+            if self.packed is None:
+                return decode_swiglu(self.gate_up, self.down, x, tok, wts, offs, used)
+            return decode_swiglu_nm(self.gate_up_values, self.gate_up_indices, self.down_values, self.down_indices,
+                                    x, tok, wts, offs, used, kernel)
+        xs = x.index_select(0, tok)
+        if self.packed is None:
+            h = grouped_matvec(self.gate_up, xs, offs, used)
+            y = grouped_matvec(self.down, activate(h, self.activation), offs, used)
+        else:
+            h = grouped_nm_matmul(self.gate_up_values, self.gate_up_indices, xs, offs, used, kernel)
+            y = grouped_nm_matmul(self.down_values, self.down_indices, activate(h, self.activation), offs, used, kernel)
+        return torch.zeros(x.shape, dtype=torch.float32).index_add_(0, tok, y.mul_(wts.to(torch.float32).unsqueeze(1)))
 
     def _prepacked(self):
         # oneDNN-blocked copies of each expert's weights, rebuilt when the weights change
@@ -291,46 +333,6 @@ class Experts(nn.Module):
         usable = [k for k in available_kernels(self.packed[0][0]) if k in ("dp", "perm")]
         usable_dn = available_kernels(self.packed[1][0])
         return next((k for k in usable if k in usable_dn), None)
-
-    def _nm_gemm_experts(self, plan: RoutingPlan, kernel: str) -> list[int]:
-        # experts that run expanded to dense on torch's GEMM (see NM_GEMM_MIN_ROWS)
-        if kernel != "dp":
-            return []
-        return [e for e in plan.used_experts() if plan.counts_list[e] >= NM_GEMM_MIN_ROWS]
-
-    def _sparse(self, xs: torch.Tensor, plan: RoutingPlan, grad: bool) -> torch.Tensor:
-        gu, dn = self.packed
-        off = plan.offsets.tolist()
-        kernel = None if grad or xs.device.type != "cpu" else self._nm_kernel()
-        if kernel is not None:
-            # inference: the experts with few rows in one 2:4 kernel launch per matrix, the
-            # others expanded to dense (one scratch matrix each, reused) on torch's GEMM
-            big = self._nm_gemm_experts(plan, kernel)
-            small = [e for e in plan.used_experts() if e not in big]
-            if small:
-                h = grouped_nm_matmul(self.gate_up_values, self.gate_up_indices, xs, plan.offsets, small, kernel)
-                y = grouped_nm_matmul(self.down_values, self.down_indices, activate(h, self.activation),
-                                      plan.offsets, small, kernel)
-            else:
-                y = torch.empty(xs.shape[0], self.d_model, dtype=torch.float32)
-            if big:
-                w_gu = torch.empty(gu[0].shape, dtype=self.dtype)
-                w_dn = torch.empty(dn[0].shape, dtype=self.dtype)
-                xb = xs.to(self.dtype)
-                for e in big:
-                    h = F.linear(xb[off[e]:off[e + 1]], decompress_24(self.gate_up_values[e], self.gate_up_indices[e], w_gu))
-                    y[off[e]:off[e + 1]] = F.linear(activate(h, self.activation),
-                                                    decompress_24(self.down_values[e], self.down_indices[e], w_dn))
-            return y
-        outs = []
-        for e in plan.used_experts():
-            xe = xs[off[e]:off[e + 1]]
-            if grad:
-                h = nm_linear(xe, gu[e], values=self.gate_up_values[e])
-                outs.append(nm_linear(activate(h, self.activation), dn[e], values=self.down_values[e]))
-            else:
-                outs.append(nm_linear(activate(nm_linear(xe, gu[e]), self.activation), dn[e]))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
