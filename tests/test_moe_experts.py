@@ -258,21 +258,26 @@ def test_bf16_mixed_kernel_and_gemm_paths(prepack, grouped_max, monkeypatch):
     torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.03)
 
 
+def _steered(moe, many: int, few: int, dtype):
+    """Router weights that send feature e's token to expert e: ``many`` tokens to experts 0 and 1,
+    then ``few`` to experts 2 and 3 (x's other features are small noise)."""
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        for e in range(moe.config.num_experts):
+            moe.router.weight[e, e] = 10.0  # feature e votes for expert e
+    x = 0.01 * torch.randn(many + few, moe.config.d_model)
+    x[:many, 0], x[:many, 1] = 1.0, 0.5
+    x[many:, 2], x[many:, 3] = 1.0, 0.5
+    return x.to(dtype)
+
+
 @pytest.mark.skipif(not dp_available(), reason="needs AVX512_BF16")
 def test_bf16_dp_threshold_mixes_kernel_and_grouped_gemm():
     # dims % 32 == 0: experts with up to DECODE_ROWS_DP rows take the vdpbf16ps kernel, the rest
     # one grouped GEMM; both kinds in one call
     torch.manual_seed(4)
     moe = MoE(64, 96, 4, 2, dtype=torch.bfloat16)
-    with torch.no_grad():
-        moe.router.weight.zero_()
-        for e in range(4):
-            moe.router.weight[e, e] = 10.0  # feature e votes for expert e
-    big = experts_mod.DECODE_ROWS_DP + 4
-    x = 0.01 * torch.randn(big + 3, 64)
-    x[:big, 0], x[:big, 1] = 1.0, 0.5    # DECODE_ROWS_DP + 4 tokens to experts 0 and 1
-    x[big:, 2], x[big:, 3] = 1.0, 0.5    # 3 tokens to experts 2 and 3
-    x = x.to(torch.bfloat16)
+    x = _steered(moe, experts_mod.DECODE_ROWS_DP + 4, 3, torch.bfloat16)
     with torch.no_grad():
         y = moe(x)
         counts = moe.last_plan.counts_list
@@ -291,14 +296,7 @@ def test_bf16_24_experts_mix_kernel_and_expanded_gemm(min_rows, monkeypatch):
     monkeypatch.setattr(experts_mod, "NM_GEMM_MIN_ROWS", min_rows)
     torch.manual_seed(5)
     moe = MoE(68, 36, 5, 2, expert_weights="2:4", shared_experts=1, dtype=torch.bfloat16)
-    with torch.no_grad():
-        moe.router.weight.zero_()
-        for e in range(5):
-            moe.router.weight[e, e] = 10.0
-    x = 0.01 * torch.randn(13, 68)
-    x[:9, 0], x[:9, 1] = 1.0, 0.5     # 9 tokens to experts 0 and 1
-    x[9:, 2], x[9:, 3] = 1.0, 0.5     # 4 to experts 2 and 3
-    x = x.to(torch.bfloat16)
+    x = _steered(moe, 9, 4, torch.bfloat16)
     with torch.no_grad():
         y = moe(x)
         assert sorted(moe.last_plan.counts_list) == [0, 4, 4, 9, 9]
@@ -328,14 +326,7 @@ def test_inference_splits_kernel_and_gemm_experts(activation, weights, dtype, mo
     monkeypatch.setattr(experts_mod, "NM_GEMM_MIN_ROWS", 6)
     torch.manual_seed(8)
     moe = MoE(68, 36, 5, 2, activation=activation, expert_weights=weights, dtype=dtype)
-    with torch.no_grad():
-        moe.router.weight.zero_()
-        for e in range(5):
-            moe.router.weight[e, e] = 10.0
-    x = 0.01 * torch.randn(14, 68)
-    x[:10, 0], x[:10, 1] = 1.0, 0.5   # 10 tokens to experts 0 and 1
-    x[10:, 2], x[10:, 3] = 1.0, 0.5   # 4 to experts 2 and 3
-    x = x.to(dtype)
+    x = _steered(moe, 10, 4, dtype)
     with torch.no_grad():
         y = moe(x)
         plan = moe.last_plan
