@@ -29,12 +29,13 @@ def test_plausible_ranges(doc):
         g = doc["gather"][key]
         assert g["table_bytes"] >= 4 * (doc["machine"]["llc_bytes"] or 32 << 20)
         assert 1e5 < g["rows_per_s"] < 1e10
-        # a random gather cannot beat streaming by much
-        assert g["gbs"] < 3 * bw["read_gbs_all"]
+        # a random gather cannot beat streaming by much; the margin is wide because the two are
+        # timed seconds apart and a shared host's bandwidth moves 2-3x in that time
+        assert g["gbs"] < 5 * bw["read_gbs_all"]
         pf = g["prefetched"]
         assert pf["row_bytes"] == int(key[3:]) and pf["table_bytes"] >= 4 * (doc["machine"]["llc_bytes"] or 32 << 20)
         assert pf["prefetch_ids"] in P.PREFETCH_DISTS and pf["gbs"] == max(pf["gbs_by_prefetch"].values())
-        assert pf["gbs"] < 3 * bw["read_gbs_all"]
+        assert pf["gbs"] < 5 * bw["read_gbs_all"]
     assert doc["gemm"]["fp32_gflops"] > 1 and doc["gemm"]["bf16_gflops"] > 0.1
     assert 0.1 < doc["gemv"]["fp32_gbs"] < 2000
 
