@@ -40,6 +40,12 @@ def test_plausible_ranges(doc):
     assert 0.1 < doc["gemv"]["fp32_gbs"] < 2000
 
 
+def test_read_meter_measures_now(doc):
+    meter = P.ReadMeter(threads=doc["machine"]["threads_used"])
+    assert meter._buf.nbytes >= max(256 << 20, 8 * (doc["machine"]["llc_bytes"] or 32 << 20))  # not cache
+    assert 0.5 < meter.gbs(repeats=1) < 2000
+
+
 def test_format_mentions_every_limit(doc):
     text = P.format_probe(doc)
     for word in ("memory read", "random gather", "GEMM", "GEMV", "flags"):

@@ -22,7 +22,8 @@ import numpy as np
 from .._util import atomic_write_json, cache_dir, num_threads, threads as _threads
 from ..bench import timeit
 
-__all__ = ["probe", "machine_info", "cached_probe", "format_probe", "gather_limit", "gather_reader", "PROBE_SCHEMA",
+__all__ = ["probe", "machine_info", "cached_probe", "format_probe", "gather_limit", "gather_reader", "ReadMeter",
+           "PROBE_SCHEMA",
            "FLAGS_OF_INTEREST", "PREFETCH_DISTS"]
 
 PROBE_SCHEMA = "sparsewise.probe/2"  # /2: prefetched gather limits on huge pages
@@ -340,6 +341,26 @@ def _read_bandwidth(a: np.ndarray, threads: int, repeats: int) -> float:
     with _threads(threads):
         t = timeit(lambda: stream_sum(a, chunks), repeats=repeats, warmup=1, min_time=0.0)
     return a.nbytes / t["min_s"] / 1e9  # a limit is the best the machine sustains
+
+
+class ReadMeter:
+    """The memory read bandwidth now, for benchmarks: a "% of read bandwidth" compares a kernel
+    with the stream read measured in the same run, seconds apart, not with the cached probe from
+    hours before (on a shared host the read rate moved 28 -> 86 GB/s between such probes).
+
+    >>> meter = ReadMeter()                          # doctest: +SKIP
+    >>> meter.gbs() > 1                              # doctest: +SKIP
+    True
+    """
+
+    def __init__(self, threads: int | None = None):
+        llc = _llc_bytes() or 32 * _MB
+        self.threads = num_threads(threads)
+        self._buf = np.ones((max(256 * _MB, 8 * llc) // 256, 64), np.float32)  # written: real pages
+
+    def gbs(self, repeats: int = 3) -> float:
+        """Best of ``repeats`` full reads of a buffer 8x the last-level cache, in GB/s."""
+        return _read_bandwidth(self._buf, self.threads, repeats)
 
 
 def _gather_rate(row_bytes: int, table_bytes: int, n_ids: int, threads: int, repeats: int) -> dict:
