@@ -358,9 +358,14 @@ class ReadMeter:
         self.threads = num_threads(threads)
         self._buf = np.ones((max(256 * _MB, 8 * llc) // 256, 64), np.float32)  # written: real pages
 
-    def gbs(self, repeats: int = 3) -> float:
-        """Best of ``repeats`` full reads of a buffer 8x the last-level cache, in GB/s."""
-        return _read_bandwidth(self._buf, self.threads, repeats)
+    @property
+    def nbytes(self) -> int:
+        return int(self._buf.nbytes)
+
+    def gbs(self, repeats: int = 3, threads: int | None = None) -> float:
+        """Best of ``repeats`` full reads of a buffer 8x the last-level cache (at least 256 MB),
+        in GB/s, on ``threads`` threads (default: the meter's)."""
+        return _read_bandwidth(self._buf, threads or self.threads, repeats)
 
 
 def _gather_rate(row_bytes: int, table_bytes: int, n_ids: int, threads: int, repeats: int) -> dict:
@@ -417,14 +422,13 @@ def probe(*, quick: bool = False, threads: int | None = None,
     info = machine_info()
     info["threads_used"] = nthreads
     llc = info["llc_bytes"] or 32 * _MB
-    stream_bytes = max(256 * _MB, 8 * llc)
     table_bytes = max(256 * _MB, 4 * llc)
     t0 = time.perf_counter()
     with _threads(nthreads):
         step("memory read bandwidth")
-        stream = np.ones((stream_bytes // 256, 64), np.float32)
-        bw1 = _read_bandwidth(stream, 1, repeats)
-        bwn = _read_bandwidth(stream, nthreads, repeats) if nthreads > 1 else bw1
+        meter = ReadMeter(nthreads)
+        bw1 = meter.gbs(repeats, threads=1)
+        bwn = meter.gbs(repeats) if nthreads > 1 else bw1
         step("random row gathers")
         g64 = _gather_rate(64, table_bytes, 1 << 22, nthreads, repeats)
         g512 = _gather_rate(512, table_bytes, 1 << 20, nthreads, repeats)
@@ -439,9 +443,10 @@ def probe(*, quick: bool = False, threads: int | None = None,
         # read again after the gathers and keep the best: a limit is the best the machine
         # sustains, and on a shared host a neighbour's burst can halve one reading for seconds
         # (a CI run read 15 GB/s here, then gathered 48 GB/s a few seconds later)
-        bw1 = max(bw1, _read_bandwidth(stream, 1, repeats))
-        bwn = max(bwn, _read_bandwidth(stream, nthreads, repeats)) if nthreads > 1 else bw1
-        del stream
+        bw1 = max(bw1, meter.gbs(repeats, threads=1))
+        bwn = max(bwn, meter.gbs(repeats)) if nthreads > 1 else bw1
+        stream_bytes = meter.nbytes
+        del meter
         step("dense GEMM")
         gemm = {"fp32_gflops": _gemm_gflops(torch.float32, 2048, repeats),
                 "bf16_gflops": _gemm_gflops(torch.bfloat16, 2048, repeats), "n": 2048}

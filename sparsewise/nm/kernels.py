@@ -329,7 +329,7 @@ def _compiled():
                 for g in numba.prange((O + 3) // 4):
                     o0 = g * 4
                     if o0 + 4 <= ot:
-                        pass
+                        pass  # the row tiles computed these rows (tail inputs and bias below)
                     elif o0 + 4 <= O and B > 1 and not tiled:
                         if pf and o0 + 8 <= O:
                             prefetch_row(vaddr + (o0 + 4) * half * vsize, 4 * half * vsize)
