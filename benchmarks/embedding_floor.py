@@ -17,41 +17,16 @@ import argparse
 import json
 import time
 
-import numba
 import numpy as np
 import torch
 
-from sparsewise._intrinsics import prefetch_row
 from sparsewise._util import atomic_write_json, num_threads
 from sparsewise.advisor.probe import gather_limit
+from sparsewise.embedding.bench import rmw_rows
 from sparsewise.embedding.storage import alloc_rows
 
 ROWS, DIM, BATCH, BAG = 1 << 20, 128, 4096, 32
 DISTS = (0, 4, 8, 16, 32)
-
-
-def _rmw_kernel():
-    pf = prefetch_row()
-
-    @numba.njit(parallel=True, fastmath=True)
-    def rmw(tab, rows, dist):
-        # every distinct row once, in sorted order, split in contiguous chunks per thread:
-        # row <- 0.999 * row + 1e-3, prefetching the row dist ahead into L2
-        n = rows.size
-        nt = numba.get_num_threads()
-        per = (n + nt - 1) // nt
-        base = tab.ctypes.data
-        rb = tab.shape[1] * 4
-        for t in numba.prange(nt):
-            lo, hi = t * per, min(n, (t + 1) * per)
-            for i in range(lo, hi):
-                if dist > 0 and i + dist < hi:
-                    pf(base + rows[i + dist] * rb, rb)
-                r = rows[i]
-                for j in range(tab.shape[1]):
-                    tab[r, j] = tab[r, j] * np.float32(0.999) + np.float32(1e-3)
-
-    return rmw
 
 
 def measure(repeats: int = 5, seed: int = 0) -> dict:
@@ -65,7 +40,7 @@ def measure(repeats: int = 5, seed: int = 0) -> dict:
     distinct = np.unique(ids)
     gl = gather_limit(tab, n_ids=nnz, repeats=repeats)
     gather_ms = nnz * DIM * 4 / (gl["gbs"] * 1e9) * 1e3
-    rmw = _rmw_kernel()
+    rmw = rmw_rows()
     by_dist = {}
     for d in DISTS:
         rmw(tab, distinct, d)

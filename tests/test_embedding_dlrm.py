@@ -129,9 +129,39 @@ def test_bench_rows_tiny(monkeypatch):
         else:
             assert r["pct_gather_limit"] is None
         assert r["gather_limit_probe"]["row_bytes"] == r["row_bytes"]
+    for r in rows:  # the line-rate ceiling goes with the uniform kernel rows, once fp32 is timed
+        if r["ids"] == "uniform" and r["variant"] == "kernel":
+            assert r["ceiling_ratio"] > 0 and r["lines_per_row"] == bench.lines_per_row(r["row_bytes"])
+        else:
+            assert r["ceiling_ratio"] is None
     trn = bench.training_rows(N=5000, D=16, B=64, L=4, pairs=1)
     assert {r["optimizer"] for r in trn} == {"RowwiseAdagrad", "Adagrad"}
+    assert all(r["ceiling_ratio"] > 0 and r["floor_ms"] > 0 for r in trn)
     dl = bench.dlrm_rows(batch_size=64, pairs=1)
     assert dl[0]["kind"] == "dlrm" and dl[0]["ratio"] > 0
     table = bench.format_table(rows + trn + dl)
     assert table.count("\n") == len(rows) + len(trn) + len(dl) + 1
+
+
+def test_lines_per_row():
+    from sparsewise.embedding.bench import lines_per_row
+
+    assert lines_per_row(512) == 8 and lines_per_row(256) == 4 and lines_per_row(64) == 1
+    assert lines_per_row(136) == 3  # int8 rows of dim 128: 128 codes + scale + bias
+    assert lines_per_row(4) == 1 and lines_per_row(72) == 2
+    assert lines_per_row(100) == 2.5  # 100 B rows: as many span 3 lines as span 2, over 16 rows
+    with pytest.raises(ValueError):
+        lines_per_row(0)
+
+
+def test_rmw_rows_touches_only_the_given_rows():
+    import numpy as np
+
+    from sparsewise.embedding.bench import rmw_rows
+
+    tab = np.ones((50, 20), np.float32)
+    rows = np.array([3, 7, 49], np.int64)
+    rmw_rows()(tab, rows, 2)
+    want = np.ones((50, 20), np.float32)
+    want[rows] = np.float32(0.999) + np.float32(1e-3)
+    np.testing.assert_allclose(tab, want, rtol=1e-6)

@@ -12,8 +12,10 @@ through 3 different id batches so no call re-reads the previous call's rows from
 """
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,8 @@ from .data import zipf_ids
 from .functional import KernelChooser
 from .jagged import KeyedJagged
 
-__all__ = ["forward_rows", "training_rows", "dlrm_rows", "run", "format_table", "fbgemm_available"]
+__all__ = ["forward_rows", "training_rows", "dlrm_rows", "run", "format_table", "fbgemm_available", "lines_per_row",
+           "rmw_rows", "floor_step"]
 
 DISTS = {"uniform": 0.0, "zipf1.05": 1.05, "zipf1.15": 1.15}
 
@@ -36,6 +39,87 @@ def fbgemm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("fbgemm_gpu") is not None
+
+
+def lines_per_row(row_bytes: int) -> float:
+    """Cache lines a random row of ``row_bytes`` spans, averaged over rows of a table whose base is
+    64 B aligned (rows at a multiple of ``row_bytes``): 8 for 512 B fp32 rows, 4 for 256 B bf16,
+    3 for the 136 B of an int8 row of dim 128."""
+    if row_bytes <= 0:
+        raise ValueError(f"row_bytes must be positive, got {row_bytes}")
+    period = 64 // math.gcd(row_bytes, 64)
+    return sum((r * row_bytes + row_bytes - 1) // 64 - (r * row_bytes) // 64 + 1 for r in range(period)) / period
+
+
+@functools.lru_cache(maxsize=None)
+def rmw_rows():
+    """A jitted ``rmw(tab, rows, dist)``: read, modify and write back each row of ``rows`` (sorted
+    distinct row ids) of the fp32 table ``tab`` once, ``row <- 0.999 * row + 1e-3``, rows split in
+    contiguous chunks over the threads, prefetching the row ``dist`` ahead into L2: the least
+    memory traffic a fused sparse update needs (no sort, gradient or optimizer state)."""
+    import numba
+
+    from .._intrinsics import prefetch_row
+
+    pf = prefetch_row()
+
+    @numba.njit(parallel=True, fastmath=True)
+    def rmw(tab, rows, dist):
+        n = rows.size
+        nt = numba.get_num_threads()
+        per = (n + nt - 1) // nt
+        base = tab.ctypes.data
+        rb = tab.shape[1] * 4
+        for t in numba.prange(nt):
+            lo, hi = t * per, min(n, (t + 1) * per)
+            for i in range(lo, hi):
+                if dist > 0 and i + dist < hi:
+                    pf(base + rows[i + dist] * rb, rb)
+                r = rows[i]
+                for j in range(tab.shape[1]):
+                    tab[r, j] = tab[r, j] * np.float32(0.999) + np.float32(1e-3)
+
+    return rmw
+
+
+def floor_step(N: int, D: int, pool: list, *, dists=(0, 4, 8, 16, 32)):
+    """A callable doing the least memory work of one fused training step on one (N, D) fp32 table
+    for the batches of ``pool`` (cycled): gather every id's row with the best simple reader
+    (:func:`sparsewise.advisor.probe.gather_limit`'s choice of prefetch distance and reading), then
+    read-modify-write each distinct row once (:func:`rmw_rows`, the best prefetch distance of
+    ``dists``). No sort, gradient or optimizer arithmetic: timing it against a baseline bounds the
+    ratio any implementation of the step can reach on this machine. Its table is its own (huge
+    pages, real values), as the engine's is."""
+    import time
+
+    from ..advisor.probe import gather_limit, gather_reader
+    from .storage import alloc_rows
+
+    tab_t = alloc_rows(N, D, "fp32")
+    tab_t.normal_()  # real values: untouched pages would all map the shared zero page
+    tab = tab_t.numpy()
+    ids = [kj.values.numpy() for kj in pool]
+    distinct = [np.unique(i) for i in ids]
+    lim = gather_limit(tab, ids[0].size, repeats=2)
+    read, _, _ = gather_reader(tab)
+    gd, pl = lim["prefetch_ids"], lim["per_line"]
+    rmw = rmw_rows()
+    best = {}
+    for d in dists:
+        for k in range(len(pool)):
+            t0 = time.perf_counter()
+            rmw(tab, distinct[k], d)
+            best[d] = min(best.get(d, float("inf")), time.perf_counter() - t0)
+    rd = min(best, key=best.get)
+    cyc = itertools.cycle(range(len(pool)))
+
+    def step():
+        k = next(cyc)
+        read(ids[k], gd, pl)
+        rmw(tab, distinct[k], rd)
+
+    step.table = tab_t  # keeps the table alive with the callable
+    return step
 
 
 def _batches(T, N, B, L, alpha, count, seed):
@@ -66,6 +150,10 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
             eb.weight.copy_(ebc.weights()[t])
         bags.append(eb)
     offsets = torch.arange(0, B * L, L)
+    # the line-rate ceiling: fp32 rows' best simple reader against the baseline in the same pairs;
+    # uniform random rows are bound by cache lines fetched per second, so a dtype whose rows span
+    # fewer lines can gain at most that factor more (each row's line rate is recorded to check)
+    ceiling = None
     rows, todo = [], [(d, dt, v) for d in dists for dt in dtypes for v in variants]
     bar = progress(total=len(todo)) if progress else None
     engines = {"fp32": ebc}
@@ -109,10 +197,18 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
                 with torch.inference_mode():
                     lim = compare(lambda: read(next(ids_pool), d, pl), lambda: eng(next(cl)).values, pairs=pairs,
                                   name=f"gather limit {dt}")
+                    if dt == "fp32":
+                        c = compare(lambda: read(next(ids_pool), d, pl), base, pairs=pairs,
+                                    name="gather limit fp32 vs baseline")
+                        ceiling = {"ratio": c.ratio, "lines": lines_per_row(eng.tables[0].row_bytes)}
             picked = (next(iter(eng.chooser.decisions().values()), None) or "kernel") if variant == "auto" else None
             nnz = T * B * L
             row_b = eng.tables[0].row_bytes
             gbs = nnz * row_b / r.candidate_s / 1e9
+            lines = lines_per_row(row_b)
+            ceil = None
+            if lim is not None and ceiling is not None:
+                ceil = ceiling["ratio"] * ceiling["lines"] / lines
             rows.append({
                 "kind": "forward", "ids": dist, "dtype": dt, "variant": variant, "auto_picked": picked, "tables": T, "rows": N, "dim": D, "batch": B, "ids_per_bag": L,
                 "ratio": r.ratio, "ratio_min": r.ratio_min, "ratio_max": r.ratio_max,
@@ -124,6 +220,11 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
                 "gather_limit_gbs": None if lim is None else nnz * row_b / lim.candidate_s / 1e9,
                 "pct_gather_limit": None if lim is None else 100 * lim.candidate_s / lim.baseline_s,
                 "pct_read_bw": 100 * gbs / bw,
+                # uniform ids: the fp32 reader's ratio to the baseline times fp32 lines / this row's
+                # lines: what a gather at the best line rate measured here would reach
+                "lines_per_row": lines, "lines_per_s": nnz * lines / r.candidate_s,
+                "gather_limit_lines_per_s": None if lim is None else nnz * lines / lim.candidate_s,
+                "ceiling_ratio": ceil,
                 "table_bytes": T * N * row_b, "pairs": r.pairs, "threads": r.threads})
             if bar:
                 bar.update(1)
@@ -159,7 +260,20 @@ def training_rows(*, N=1_000_000, D=128, B=4096, L=32, pairs=5, progress=None) -
         baselines["FBGEMM TBE CPU, fused exact row-wise Adagrad"] = _fbgemm_step(N, D, init, pool, grad)
     rows = []
     cases = [(o, b) for o in ("RowwiseAdagrad", "Adagrad") for b in baselines]
-    bar = progress(total=len(cases)) if progress else None
+    bar = progress(total=len(cases) + len(baselines)) if progress else None
+    # the ceiling: the step's least memory work (floor_step) against each baseline, interleaved
+    floor = floor_step(N, D, pool)
+    ceilings = {}
+    for base_name, base in baselines.items():
+        if bar:
+            bar.set_postfix_str(f"floor vs {base_name.split(' ')[0]}")
+        c = compare(floor, base, pairs=pairs, name=f"train floor vs {base_name}")
+        ceilings[base_name] = {"ceiling_ratio": c.ratio, "floor_ms": c.candidate_s * 1e3,
+                               "floor_baseline_ms": c.baseline_s * 1e3}
+        if bar:
+            bar.update(1)
+    del floor
+    gc.collect()
     for opt_name, base_name in cases:
         optim = RowwiseAdagrad(lr=0.01) if opt_name == "RowwiseAdagrad" else Adagrad(lr=0.01)
         ebc = EmbeddingBagCollection([TableConfig("t", N, D, ("f0",), init=lambda w: w.copy_(init))], optimizer=optim)
@@ -173,7 +287,8 @@ def training_rows(*, N=1_000_000, D=128, B=4096, L=32, pairs=5, progress=None) -
         r = compare(ours, baselines[base_name], pairs=pairs, name=f"train {opt_name} vs {base_name}")
         rows.append({"kind": "train", "optimizer": opt_name, "baseline": base_name, "rows": N, "dim": D, "batch": B,
                      "ids_per_bag": L, "ratio": r.ratio, "ratio_min": r.ratio_min, "ratio_max": r.ratio_max,
-                     "ms": r.candidate_s * 1e3, "baseline_ms": r.baseline_s * 1e3, "pairs": r.pairs, "threads": r.threads})
+                     "ms": r.candidate_s * 1e3, "baseline_ms": r.baseline_s * 1e3, "pairs": r.pairs, "threads": r.threads,
+                     **ceilings[base_name]})
         del ebc
         gc.collect()
         if bar:
@@ -250,6 +365,10 @@ def _variant(r: dict) -> str:
     return {"kernel": "ours (prefetch)", "dedup": "ours (dedup)"}.get(v, f"auto: {r.get('auto_picked')}")
 
 
+def _ceiling(r: dict) -> str:
+    return "-" if r.get("ceiling_ratio") is None else f"{r['ceiling_ratio']:.2f}x"
+
+
 def _pct(r: dict) -> str:
     if r.get("pct_gather_limit") is None:
         return "-"
@@ -257,23 +376,23 @@ def _pct(r: dict) -> str:
 
 
 TABLE_HEADER = ("workload", "ids", "rows", "kernel", "ratio vs baseline", "ms", "baseline ms", "GB/s",
-                "% of gather limit (GB/s)")
+                "% of gather limit (GB/s)", "ceiling vs baseline")
 
 
 def format_table(rows: list[dict]) -> str:
-    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["kind"] == "forward":
             out.append(f"| lookup {r['tables']}x{r['rows'] // 1000}k x{r['dim']}, B {r['batch']} x {r['ids_per_bag']} "
                        f"| {r['ids']} | {r['dtype']} | {_variant(r)} | {r['ratio']:.2f}x "
-                       f"| {r['ms']:.1f} | {r['baseline_ms']:.1f} | {r['gbs']:.1f} | {_pct(r)} |")
+                       f"| {r['ms']:.1f} | {r['baseline_ms']:.1f} | {r['gbs']:.1f} | {_pct(r)} | {_ceiling(r)} |")
         elif r["kind"] == "dlrm":
             out.append(f"| DLRM train step, {r['data']}, batch {r['batch']} | real | fp32 | fused | {r['ratio']:.2f}x "
-                       f"| {r['ms']:.2f} | {r['baseline_ms']:.2f} | | |")
+                       f"| {r['ms']:.2f} | {r['baseline_ms']:.2f} | | | |")
         else:
             out.append(f"| train step {r['rows'] // 1000}k x{r['dim']}, B {r['batch']} x {r['ids_per_bag']}: "
                        f"{r['optimizer']} vs {r['baseline']} | uniform | fp32 | fused | {r['ratio']:.2f}x | {r['ms']:.1f} "
-                       f"| {r['baseline_ms']:.1f} | | |")
+                       f"| {r['baseline_ms']:.1f} | | | {_ceiling(r)} |")
     return "\n".join(out)
 
 
