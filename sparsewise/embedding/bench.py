@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..bench import compare, write_results
+from ..bench import compare, timeit, write_results
 from .collection import EmbeddingBagCollection
 from .config import Adagrad, RowwiseAdagrad, TableConfig
 from .data import zipf_ids
@@ -90,8 +90,6 @@ def floor_step(N: int, D: int, pool: list, *, dists=(0, 4, 8, 16, 32)):
     ``dists``). No sort, gradient or optimizer arithmetic: timing it against a baseline bounds the
     ratio any implementation of the step can reach on this machine. Its table is its own (huge
     pages, real values), as the engine's is."""
-    import time
-
     from ..advisor.probe import gather_limit, gather_reader
     from .storage import alloc_rows
 
@@ -105,11 +103,9 @@ def floor_step(N: int, D: int, pool: list, *, dists=(0, 4, 8, 16, 32)):
     gd, pl = lim["prefetch_ids"], lim["per_line"]
     rmw = rmw_rows()
     best = {}
-    for d in dists:
-        for k in range(len(pool)):
-            t0 = time.perf_counter()
-            rmw(tab, distinct[k], d)
-            best[d] = min(best.get(d, float("inf")), time.perf_counter() - t0)
+    for d in dists:  # each call on the next batch's rows, so none is still cached from the last
+        nxt = itertools.cycle(distinct)
+        best[d] = timeit(lambda: rmw(tab, next(nxt), d), repeats=len(pool), min_time=0.0)["min_s"]
     rd = min(best, key=best.get)
     cyc = itertools.cycle(range(len(pool)))
 
