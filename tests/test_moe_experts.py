@@ -140,6 +140,26 @@ def test_grouped_matvec_bf16_dot_kernel(cols):
     torch.testing.assert_close(y, want, atol=1e-4 * cols ** 0.5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cols", [16, 48, 1040, 2816])
+def test_grouped_matvec_fp32_rows_kernel(cols):
+    # fp32 weights, C % 16 == 0: the vdpbf16ps kernel's passes with 16-lane FMAs. Experts with
+    # 0-17 rows cover every pass width and 8 + 1, 8 + 8 + 1 passes; 48 and 1040 columns leave
+    # 16-value blocks after the chains' round-robin; 1040 / 2816 columns with 2 or more tokens are
+    # cut into input chunks; 37 rows leave a short last task whose read-ahead goes to the next task
+    from sparsewise.moe.kernels import rows_kind
+
+    torch.manual_seed(cols)
+    counts = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 17]
+    w = torch.randn(len(counts), 37, cols)
+    assert rows_kind(w) == "f32" and rows_kind(w[..., 1:].contiguous()) == "widen"
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    x = torch.randn(int(offsets[-1]), cols)
+    used = [e for e, n in enumerate(counts) if n]
+    y = grouped_matvec(w, x, offsets, used)
+    want = torch.cat([x[offsets[e]:offsets[e + 1]] @ w[e].T for e in used])
+    torch.testing.assert_close(y, want, atol=1e-5 * cols ** 0.5, rtol=1e-5)
+
+
 def test_bf16_moe_close_to_fp32():
     torch.manual_seed(5)
     moe = MoE(64, 32, 6, 2)
@@ -376,7 +396,7 @@ def test_fused_silu_matches_torch_including_non_finite():
                    torch.linspace(-120, 120, 24001), 10 * torch.randn(5000)]).float()
     h = torch.cat([g, torch.ones_like(g)]).reshape(1, -1)  # silu(g) * 1: a SwiGLU row
     got = torch.empty(1, g.shape[0])
-    _compiled_decode(False)["swiglu_rows"](h.numpy(), got.numpy())
+    _compiled_decode("f32")["swiglu_rows"](h.numpy(), got.numpy())
     got = got.reshape(-1)
     want = torch.nn.functional.silu(g)
     torch.testing.assert_close(got, want, atol=1e-35, rtol=4e-7, equal_nan=True)

@@ -13,8 +13,9 @@ For many rows per expert (prefill) torch's GEMM wins and the function layer uses
 bf16 weights: on CPUs with AVX-512 BF16 (and C % 32 == 0) x is rounded to bf16 and the kernel
 multiplies bf16 pairs with ``vdpbf16ps`` into fp32, every token of an expert (up to 8 per pass)
 in one pass over each weight row, with enough accumulator chains to hide the instruction's
-latency, x cut into L1-sized input chunks and the next weight rows asked into L2; elsewhere the
-weights are widened to fp32 in registers. out is fp32.
+latency, x cut into L1-sized input chunks and the weight rows a few rows ahead asked into L2 block
+by block as the compute goes; fp32 weights (C % 16 == 0) take the same kernel with 16-lane FMAs;
+elsewhere the weights are widened to fp32 element by element. out is fp32.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["decode_swiglu", "decode_swiglu_nm", "grouped_matvec", "grouped_nm_matmul", "dp_available", "dp_kernel_applies", "check_groups", "reference_moe", "ACTIVATIONS", "activate"]
+__all__ = ["decode_swiglu", "decode_swiglu_nm", "grouped_matvec", "grouped_nm_matmul", "dp_available", "dp_kernel_applies", "rows_kind", "check_groups", "reference_moe", "ACTIVATIONS", "activate"]
 
 ROWS_PER_TASK = 16  # output rows per parallel task: 16 x C weights, a 64 KB stream at C=1024 fp32
 
@@ -178,8 +179,14 @@ DP_TOKENS = 8
 # bytes of x rows per pass (cut into chunks of the inputs beyond): they stay in the 32 KB L1
 # while the weight rows stream by (8 tokens of the down matrix's 2816-wide rows are 45 KB)
 DP_X_BYTES = 16384
-# weight rows ahead asked into L2: a 16-row task spans too few bytes for the hardware prefetcher
+# weight rows ahead asked into L2: a 16-row task spans too few bytes for the hardware prefetcher.
+# Asked block by block as the compute goes (one prefetch per 64-byte block used), not a row's
+# burst before it: paired with the burst, Mixtral-shaped experts (weights from DRAM, 2-10 tokens
+# an expert) fp32 1.14-1.45x, bf16 0.99-1.18x; the whole 16-token decode fp32 1.13x, bf16 1.05x
 PF_ROWS = 2
+# tokens per expert from which the kernel asks ahead: fp32 with one token streams best on the
+# hardware prefetcher alone (1-token Mixtral decode 0.95-0.97x with the requests, paired)
+PF_FROM = {"dp": 1, "f32": 2}
 
 
 def _dp_chains(m: int) -> int:
@@ -189,21 +196,31 @@ def _dp_chains(m: int) -> int:
     return max(1, -(-8 // m)) if m < 8 else 1
 
 
-@functools.lru_cache(maxsize=None)
 def _compiled_dp():
-    # bf16 weights and bf16 x: vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 lanes per
-    # instruction, with no widening (the widening kernel was compute-bound at 16 tokens)
+    return _compiled_rows("dp")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_rows(kind: str):
+    # kind "dp": bf16 weights and bf16 x: vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 lanes
+    # per instruction, with no widening (the widening kernel was compute-bound at 16 tokens).
+    # kind "f32": fp32 weights and x (C % 16 == 0), 16-lane FMAs, the same passes, chains,
+    # input chunks and prefetch
     import numba
     from llvmlite import ir
     from numba import types
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .._intrinsics import bfloat_type, lane_sums, prefetch_row as _prefetch_row
+    from .._intrinsics import bfloat_type, emit_prefetch_l2, lane_sums
 
-    prefetch_row = _prefetch_row()
+    if kind not in ("dp", "f32"):
+        raise ValueError(f"kind must be 'dp' or 'f32', got {kind!r}")
     f32, i64 = ir.FloatType(), ir.IntType(64)
-    v16f, v32bf = ir.VectorType(f32, 16), ir.VectorType(bfloat_type(), 32)
+    v16f = ir.VectorType(f32, 16)
+    vin = ir.VectorType(bfloat_type(), 32) if kind == "dp" else v16f  # 64 bytes of w or x
+    esz = 2 if kind == "dp" else 4
+    pf_from = PF_FROM[kind]
 
     def c64(v):
         return ir.Constant(i64, v)
@@ -212,28 +229,40 @@ def _compiled_dp():
         u = _dp_chains(m)
 
         @intrinsic
-        def dot(typingctx, wrow, x0, xstride, c, o0, ostride, add):
-            # for the m token rows x_j = x0 + j*xstride (addresses of c bf16 values, c % 32 == 0):
+        def dot(typingctx, wrow, x0, xstride, c, o0, ostride, add, pf):
+            # for the m token rows x_j = x0 + j*xstride (addresses of c values, 64 bytes a block):
             #   *(float*)(o0 + j*ostride) (+)= sum_k w[k] * x_j[k]   (+= when add is true)
+            # and, when pf != 0, each 64-byte block of w at wrow + pf asked into L2 as the block at
+            # wrow is used: requests spread over the compute (a burst of a row's prefetches before
+            # it stalls on the few miss buffers while nothing computes)
             # with u accumulators per token (32-value blocks round-robin), summed at the end
             sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
-                             types.boolean)
+                             types.boolean, types.int64)
 
             def codegen(context, builder, signature, args):
-                wrow_, x0_, xs_, c_, o0_, os_, add_ = args
-                dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v32bf, v32bf]),
-                                                    "llvm.x86.avx512bf16.dpbf16ps.512")
+                wrow_, x0_, xs_, c_, o0_, os_, add_, pf_ = args
+                ahead = builder.icmp_signed("!=", pf_, c64(0))
+                if kind == "dp":
+                    dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, vin, vin]),
+                                                        "llvm.x86.avx512bf16.dpbf16ps.512")
+                else:
+                    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3),
+                                                         "llvm.fma.v16f32")
                 xrows = [builder.add(x0_, builder.mul(xs_, c64(j))) for j in range(m)]
                 zero = ir.Constant(v16f, [0.0] * 16)
                 accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(u)] for _ in range(m)]
 
                 def block(o, q):  # 64 bytes at byte offset o into accumulator q of every token
-                    wv = builder.load(builder.inttoptr(builder.add(wrow_, o), v32bf.as_pointer()), align=2)
+                    with builder.if_then(ahead):
+                        emit_prefetch_l2(builder, builder.add(builder.add(wrow_, o), pf_))
+                    wv = builder.load(builder.inttoptr(builder.add(wrow_, o), vin.as_pointer()), align=esz)
                     for j in range(m):
-                        xv = builder.load(builder.inttoptr(builder.add(xrows[j], o), v32bf.as_pointer()), align=2)
-                        builder.store(builder.call(dp, [builder.load(accs[j][q]), wv, xv]), accs[j][q])
+                        xv = builder.load(builder.inttoptr(builder.add(xrows[j], o), vin.as_pointer()), align=esz)
+                        acc = builder.load(accs[j][q])
+                        acc = builder.call(dp, [acc, wv, xv]) if kind == "dp" else builder.call(fma, [wv, xv, acc])
+                        builder.store(acc, accs[j][q])
 
-                nbytes = builder.mul(c_, c64(2))
+                nbytes = builder.mul(c_, c64(esz))
                 main = builder.mul(builder.udiv(nbytes, c64(64 * u)), c64(64 * u))
                 with cgutils.for_range_slice(builder, c64(0), main, c64(64 * u), inc=True) as (o, _):
                     for q in range(u):
@@ -265,55 +294,68 @@ def _compiled_dp():
     d1, d2, d3, d4, d5, d6, d7, d8 = (make_dot(m) for m in range(1, DP_TOKENS + 1))
 
     @numba.njit(inline="always")
-    def dot(m, wr, x0, rowb, c, o0, ostride, add):
+    def dot(m, wr, x0, rowb, c, o0, ostride, add, pf):
         if m == 8:
-            d8(wr, x0, rowb, c, o0, ostride, add)
+            d8(wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 4:
-            d4(wr, x0, rowb, c, o0, ostride, add)
+            d4(wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 1:
-            d1(wr, x0, rowb, c, o0, ostride, add)
+            d1(wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 2:
-            d2(wr, x0, rowb, c, o0, ostride, add)
+            d2(wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 3:
-            d3(wr, x0, rowb, c, o0, ostride, add)
+            d3(wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 5:
-            d5(wr, x0, rowb, c, o0, ostride, add)
+            d5(wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 6:
-            d6(wr, x0, rowb, c, o0, ostride, add)
+            d6(wr, x0, rowb, c, o0, ostride, add, pf)
         else:
-            d7(wr, x0, rowb, c, o0, ostride, add)
+            d7(wr, x0, rowb, c, o0, ostride, add, pf)
 
     @numba.njit(parallel=True)
     def matvec_dp(w, xb, offsets, used, out):
-        # w (E, R, C) u16 bf16 bits, xb (N, C) u16 bf16 bits, C % 32 == 0 -> out (N, R) f32;
-        # tasks of 16 output rows of one expert; every token of the expert in one pass over a
-        # weight row (passes of up to DP_TOKENS), the row read once from memory. Paired with the
-        # one-chain-per-token, 4-tokens-per-pass kernel before it, Mixtral-shaped 16-token bf16
-        # decode: gate_up 4.01 -> 3.56 ms, down 2.79 -> 2.17 ms (weights from DRAM)
+        # w (E, R, C), xb (N, C): bf16 bits ("dp", C % 32 == 0) or fp32 ("f32", C % 16 == 0)
+        # -> out (N, R) f32; tasks of 16 output rows of one expert; every token of the expert in
+        # one pass over a weight row (passes of up to DP_TOKENS), the row read once from memory.
+        # Paired with the one-chain-per-token, 4-tokens-per-pass kernel before it, Mixtral-shaped
+        # 16-token bf16 decode: gate_up 4.01 -> 3.56 ms, down 2.79 -> 2.17 ms (weights from DRAM)
         R = w.shape[1]
         C = w.shape[2]
         per = (R + 15) // 16
         wa = w.ctypes.data
         xa = xb.ctypes.data
         oa = out.ctypes.data
-        rowb = C * 2
+        rowb = C * esz
         for task in numba.prange(used.shape[0] * per):
             e = used[task // per]
             r0 = (task % per) * 16
             s = offsets[e]
             n = offsets[e + 1] - s
             # chunks of the inputs such that a pass's x rows stay in L1 while weight rows stream by
-            chunk = max(32, DP_X_BYTES // (2 * min(n, DP_TOKENS)) // 32 * 32)
+            chunk = max(32, DP_X_BYTES // (esz * min(n, DP_TOKENS)) // 32 * 32)
+            rows = min(R, r0 + 16) - r0
+            nch = (C + chunk - 1) // chunk
             for k0 in range(0, C, chunk):
                 kc = min(chunk, C - k0)
-                for r in range(r0, min(R, r0 + 16)):
-                    wr = wa + (e * R + r) * rowb + k0 * 2
-                    if r + PF_ROWS < R:
-                        prefetch_row(wr + PF_ROWS * rowb, kc * 2)
+                for r in range(r0, r0 + rows):
+                    wr = wa + (e * R + r) * rowb + k0 * esz
+                    # the piece (row, chunk) PF_ROWS pieces on in this task's order, or the next
+                    # task's first rows (the same thread's next task under static scheduling),
+                    # asked into L2 by the first pass (row starts at the start of a new chunk)
+                    ahead = (k0 // chunk) * rows + (r - r0) + PF_ROWS
+                    if ahead < nch * rows:
+                        pf = (e * R + r0 + ahead % rows) * rowb + (ahead // rows) * chunk * esz
+                    elif r0 + rows + ahead - nch * rows < R:
+                        pf = (e * R + r0 + rows + ahead - nch * rows) * rowb
+                    else:
+                        pf = -1
+                    pf = 0 if pf < 0 or n < pf_from else wa + pf - wr
                     b = 0
                     while b < n:
                         m = min(DP_TOKENS, n - b)
-                        dot(m, wr, xa + (s + b) * rowb + k0 * 2, rowb, kc, oa + ((s + b) * R + r) * 4, R * 4, k0 > 0)
+                        dot(m, wr, xa + (s + b) * rowb + k0 * esz, rowb, kc, oa + ((s + b) * R + r) * 4, R * 4,
+                            k0 > 0, pf)
+                        pf = 0
                         b += m
 
     return matvec_dp
@@ -363,8 +405,19 @@ def _decode_helpers():
     return gather_checked, combine
 
 
+def rows_kind(w: torch.Tensor) -> str:
+    """Which kernel streams stacked weights ``w`` (E, R, C) in decode: "dp" (bf16, vdpbf16ps, see
+    :func:`dp_kernel_applies`), "f32" (fp32 weights, C % 16 == 0: the same passes with 16-lane
+    FMAs) or "widen" (anything else: fp32 or bf16 weights widened to fp32 element by element)."""
+    if dp_kernel_applies(w):
+        return "dp"
+    if w.dtype == torch.float32 and w.shape[-1] % 16 == 0:
+        return "f32"
+    return "widen"
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled_decode(dp: bool):
+def _compiled_decode(kind: str):
     # The whole dense decode of a block's experts in one compiled call (gather the routed rows,
     # gate+up, SwiGLU, down, weighted sum per token). Right after the experts' weights stream
     # through the caches, each small torch op of the same steps costs 15-200 us (cold code and
@@ -446,6 +499,7 @@ def _compiled_decode(dp: bool):
 
         return swiglu_row
 
+    dp = kind == "dp"
     swiglu_row = make_swiglu(dp)
 
     @numba.njit
@@ -459,15 +513,16 @@ def _compiled_decode(dp: bool):
             swiglu_row(ha + i * 2 * hh * 4, ha + (i * 2 * hh + hh) * 4, aa + i * hh * a.itemsize, hh)
 
     gather_checked, combine = _decode_helpers()
-    if dp:
-        matvec_dp = _compiled_dp()
+    rows_kernel = kind in ("dp", "f32")
+    if rows_kernel:
+        matvec_rows = _compiled_rows(kind)
     else:
         matvec_f32 = _compiled()
 
     @numba.njit
     def run(w, x, offsets, used, out, wide_from):
-        if dp:
-            matvec_dp(w, x, offsets, used, out)
+        if rows_kernel:
+            matvec_rows(w, x, offsets, used, out)
         else:
             matvec_f32(w, x, offsets, used, out, wide_from)
 
@@ -495,17 +550,20 @@ def decode_swiglu(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, to
     """Inference decode of dense SwiGLU experts in one compiled call: for each routed row i (in
     expert order, expert e), ``out[token_index[i]] += weights[i] * down[e] @ swiglu(gate_up[e] @
     x[token_index[i]])``; (T, D) float32. bf16 weights with AVX-512 BF16 (and D, H % 32 == 0)
-    run the vdpbf16ps kernel on bf16 x and activations, as :func:`grouped_matvec` does; other
+    run the vdpbf16ps kernel on bf16 x and activations, as :func:`grouped_matvec` does, fp32
+    weights with D, H % 16 == 0 its fp32 twin (:func:`rows_kind`); other
     weights the fp32 kernel. Validates the plan (ValueError) before computing."""
     e_, r, d = gate_up.shape
     if r % 2 or down.shape != (e_, d, r // 2) or x.dim() != 2 or x.shape[1] != d:
         raise ValueError(f"gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)} and x {tuple(x.shape)} do not fit")
-    dp = dp_kernel_applies(gate_up) and dp_kernel_applies(down)
-    if dp:
+    kind = rows_kind(gate_up)
+    if rows_kind(down) != kind:
+        kind = "widen"
+    if kind == "dp":
         xv = x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
     else:
         xv = x.to(torch.float32).contiguous().numpy()
-    out = _compiled_decode(dp)["decode"](_weight_array(gate_up.detach()), _weight_array(down.detach()), xv,
+    out = _compiled_decode(kind)["decode"](_weight_array(gate_up.detach()), _weight_array(down.detach()), xv,
                                token_index.numpy(), weights.to(torch.float32).contiguous().numpy(),
                                offsets.numpy(), np.asarray(used, dtype=np.int64), WIDE_FROM[gate_up.dtype])
     return torch.from_numpy(out)
@@ -534,6 +592,8 @@ def check_groups(offsets: torch.Tensor, used: list[int], n: int, e: int) -> None
 def grouped_matvec(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, used: list[int], *,
                    wide_from: int | None = None) -> torch.Tensor:
     """Per used expert e: ``x[offsets[e]:offsets[e+1]] @ w[e].T`` in fp32, weights read once.
+    The kernel follows :func:`rows_kind`; ``wide_from`` (rows per expert from which 2 weight rows
+    go per pass) forces the element-wise widening kernel.
 
     >>> w = torch.randn(3, 8, 4); x = torch.randn(2, 4)
     >>> y = grouped_matvec(w, x, torch.tensor([0, 0, 2, 2]), [1])
@@ -554,6 +614,10 @@ def grouped_matvec(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, used
         xb = x.to(torch.bfloat16).contiguous()
         _compiled_dp()(_weight_array(w.detach()), xb.view(torch.int16).numpy().view(np.uint16), offsets.numpy(),
                        np.asarray(used, dtype=np.int64), out.numpy())
+        return out
+    if wide_from is None and rows_kind(w) == "f32":
+        _compiled_rows("f32")(w.detach().numpy(), x.to(torch.float32).contiguous().numpy(), offsets.numpy(),
+                              np.asarray(used, dtype=np.int64), out.numpy())
         return out
     xv = x.to(torch.float32).contiguous()
     if wide_from is None:
@@ -648,7 +712,7 @@ def _compiled_decode_nm(kernel: str):
     import numba
 
     relayout, grouped, blk = _compiled_nm(kernel)
-    swiglu_rows = _compiled_decode(kernel == "dp")["swiglu_rows"]
+    swiglu_rows = _compiled_decode("dp" if kernel == "dp" else "f32")["swiglu_rows"]
     gather_checked, combine = _decode_helpers()
     dp = kernel == "dp"
 
