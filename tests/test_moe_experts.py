@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -142,11 +143,12 @@ def test_grouped_matvec_bf16_dot_kernel(cols):
 
 @pytest.mark.parametrize("cols", [16, 48, 1040, 2816])
 def test_grouped_matvec_fp32_rows_kernel(cols):
-    # fp32 weights, C % 16 == 0: the vdpbf16ps kernel's passes with 16-lane FMAs. Experts with
+    # fp32 weights, C % 16 == 0: the vdpbf16ps kernel's passes with 16-lane FMAs (experts with
+    # up to F32_ROWS_MAX rows through grouped_matvec; called directly here for all). Experts with
     # 0-17 rows cover every pass width and 8 + 1, 8 + 8 + 1 passes; 48 and 1040 columns leave
     # 16-value blocks after the chains' round-robin; 1040 / 2816 columns with 2 or more tokens are
     # cut into input chunks; 37 rows leave a short last task whose read-ahead goes to the next task
-    from sparsewise.moe.kernels import rows_kind
+    from sparsewise.moe.kernels import _compiled_rows, rows_kind
 
     torch.manual_seed(cols)
     counts = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 17]
@@ -158,6 +160,9 @@ def test_grouped_matvec_fp32_rows_kernel(cols):
     y = grouped_matvec(w, x, offsets, used)
     want = torch.cat([x[offsets[e]:offsets[e + 1]] @ w[e].T for e in used])
     torch.testing.assert_close(y, want, atol=1e-5 * cols ** 0.5, rtol=1e-5)
+    direct = torch.empty_like(y)
+    _compiled_rows("f32")(w.numpy(), x.numpy(), offsets.numpy(), np.asarray(used, dtype=np.int64), direct.numpy())
+    torch.testing.assert_close(direct, want, atol=1e-5 * cols ** 0.5, rtol=1e-5)
 
 
 def test_bf16_moe_close_to_fp32():
