@@ -182,7 +182,7 @@ DP_X_BYTES = 16384
 # weight rows ahead asked into L2: a 16-row task spans too few bytes for the hardware prefetcher.
 # Asked block by block as the compute goes (one prefetch per 64-byte block used), not a row's
 # burst before it: paired with the burst, Mixtral-shaped experts (weights from DRAM, 2-10 tokens
-# an expert) fp32 1.14-1.45x, bf16 0.99-1.18x; the whole 16-token decode fp32 1.13x, bf16 1.05x
+# an expert) fp32 1.06-1.45x, bf16 0.99-1.18x; the whole 16-token decode fp32 1.13x, bf16 1.05x
 PF_ROWS = 2
 # tokens per expert from which the kernel asks ahead: fp32 with one token streams best on the
 # hardware prefetcher alone (1-token Mixtral decode 0.95-0.97x with the requests, paired)
@@ -239,7 +239,7 @@ def _compiled_rows(kind: str):
             # and, when pf != 0, each 64-byte block of w at wrow + pf asked into L2 as the block at
             # wrow is used: requests spread over the compute (a burst of a row's prefetches before
             # it stalls on the few miss buffers while nothing computes)
-            # with u accumulators per token (32-value blocks round-robin), summed at the end
+            # with u accumulators per token (64-byte blocks round-robin), summed at the end
             sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
                              types.boolean, types.int64)
 
