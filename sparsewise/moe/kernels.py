@@ -200,10 +200,6 @@ def _dp_chains(m: int) -> int:
     return max(1, -(-8 // m)) if m < 8 else 1
 
 
-def _compiled_dp():
-    return _compiled_rows("dp")
-
-
 @functools.lru_cache(maxsize=None)
 def _compiled_rows(kind: str):
     # kind "dp": bf16 weights and bf16 x: vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 lanes
@@ -571,14 +567,19 @@ def decode_swiglu(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, to
     kind = rows_kind(gate_up)
     if rows_kind(down) != kind:
         kind = "widen"
-    if kind == "dp":
-        xv = x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-    else:
-        xv = x.to(torch.float32).contiguous().numpy()
-    out = _compiled_decode(kind)["decode"](_weight_array(gate_up.detach()), _weight_array(down.detach()), xv,
+    out = _compiled_decode(kind)["decode"](_weight_array(gate_up.detach()), _weight_array(down.detach()),
+                                           _input_array(x, kind),
                                token_index.numpy(), weights.to(torch.float32).contiguous().numpy(),
                                offsets.numpy(), np.asarray(used, dtype=np.int64), WIDE_FROM[gate_up.dtype])
     return torch.from_numpy(out)
+
+
+def _input_array(x: torch.Tensor, kind: str) -> np.ndarray:
+    # the kernels' x: bf16 bits for "dp" (exact for a bf16 model's activations; fp32 inputs are
+    # rounded, as a bf16 model computes them), fp32 otherwise
+    if kind == "dp":
+        return x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    return x.to(torch.float32).contiguous().numpy()
 
 
 def _weight_array(w: torch.Tensor) -> np.ndarray:
@@ -620,22 +621,10 @@ def grouped_matvec(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, used
     out = torch.empty(n, r, dtype=torch.float32)
     if n == 0 or not used:
         return out
-    if wide_from is None and dp_kernel_applies(w):
-        # bf16 x (exact for a bf16 model's activations; fp32 inputs are rounded, as a bf16
-        # model computes them) against bf16 weights, fp32 accumulation
-        xb = x.to(torch.bfloat16).contiguous()
-        _compiled_dp()(_weight_array(w.detach()), xb.view(torch.int16).numpy().view(np.uint16), offsets.numpy(),
-                       np.asarray(used, dtype=np.int64), out.numpy())
-        return out
-    if wide_from is None and rows_kind(w) == "f32":
-        _compiled_decode("f32")["run"](w.detach().numpy(), x.to(torch.float32).contiguous().numpy(), offsets.numpy(),
-                                       np.asarray(used, dtype=np.int64), out.numpy(), WIDE_FROM[w.dtype])
-        return out
-    xv = x.to(torch.float32).contiguous()
-    if wide_from is None:
-        wide_from = WIDE_FROM[w.dtype]
-    _compiled()(_weight_array(w.detach()), xv.numpy(), offsets.numpy(),
-                np.asarray(used, dtype=np.int64), out.numpy(), wide_from)
+    kind = rows_kind(w) if wide_from is None else "widen"
+    _compiled_decode(kind)["run"](_weight_array(w.detach()), _input_array(x, kind), offsets.numpy(),
+                                  np.asarray(used, dtype=np.int64), out.numpy(),
+                                  WIDE_FROM[w.dtype] if wide_from is None else wide_from)
     return out
 
 
