@@ -433,3 +433,5 @@ def test_decompress_24_rejects_what_does_not_fit():
         decompress_24(p.values, p.indices, torch.empty(16, 3).T)
     with pytest.raises(TypeError, match="float32/bfloat16/float16"):
         decompress_24(p.values.double(), p.indices)
+    with pytest.raises(ValueError, match=r"\(rows, kept\) values"):
+        decompress_24(p.values.reshape(-1), p.indices)

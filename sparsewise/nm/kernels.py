@@ -435,6 +435,8 @@ def decompress_24(values: torch.Tensor, indices: torch.Tensor, out: torch.Tensor
     into ``out`` when given (contiguous, same dtype). CPU, float32 / bfloat16 / float16. Bound by
     the bytes it writes (~100 GB/s in L2 for bf16 on the second development host), e.g. to run a
     batch-heavy product on torch's dense GEMM without keeping a dense copy."""
+    if values.dim() != 2:
+        raise ValueError(f"decompress_24 takes (rows, kept) values, got shape {tuple(values.shape)}")
     r, half = values.shape
     k = 2 * half
     size = values.element_size()
