@@ -214,12 +214,14 @@ def test_dp_decode_without_vbmi(monkeypatch):
 @pytest.fixture(scope="module")
 def tiled_kernels():
     # large layers at batch >= 8 run in row tiles with K in chunks (accumulating into y): kernels
-    # built with the size threshold at 0 and 3-block chunks, so a small layer takes that path
+    # built with the size threshold at 0, 3-block chunks and 8 KB tiles, so a small layer takes
+    # that path with several tiles per thread (each asking for the next)
     from sparsewise.nm import kernels
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "_TILE_MIN_BYTES", 0)
         mp.setattr(kernels, "_TILE_BLOCKS", 3)
+        mp.setattr(kernels, "_TILE_KB", 8)
         built = kernels._compiled.__wrapped__()
         yield built
 
