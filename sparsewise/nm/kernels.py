@@ -258,7 +258,8 @@ def _compiled():
                 # - pvn > 0 (values) / pmn (index bytes): the next tile's bytes pv.. / pm.., which
                 #   are contiguous, are asked for in address order, spread over this pass's calls,
                 #   so this tile computes from L2 while the next one streams in;
-                # - else, on the first pass, each row's chunk _TILE_AHEAD steps ahead.
+                # - else, on the first pass, each row's chunk _TILE_AHEAD steps ahead (a 2x8
+                #   thread's last tile, asked for by the one before, repeats them as L2 hits).
                 ahead = nr * _TILE_AHEAD
                 calls = (nblk + _TILE_BLOCKS - 1) // _TILE_BLOCKS * ((o1 - o0) // nr)
                 pvstep = ((pvn + 63) // 64 + calls - 1) // calls * 64
