@@ -13,8 +13,8 @@ For many rows per expert (prefill) torch's GEMM wins and the function layer uses
 bf16 weights: on CPUs with AVX-512 BF16 (and C % 32 == 0) x is rounded to bf16 and the kernel
 multiplies bf16 pairs with ``vdpbf16ps`` into fp32, every token of an expert (up to 8 per pass)
 in one pass over each weight row, with enough accumulator chains to hide the instruction's
-latency, x cut into L1-sized input chunks and the weight rows a few rows ahead asked into L2 block
-by block as the compute goes; fp32 weights (C % 16 == 0) take the same kernel with 16-lane FMAs;
+latency, x cut into L1-sized input chunks of equal length (rows cut so go two at a time, sharing
+each x load) and the weight rows a few rows ahead asked into L2 block by block as the compute goes; fp32 weights (C % 16 == 0) take the same kernel with 16-lane FMAs;
 elsewhere the weights are widened to fp32 element by element. out is fp32.
 """
 from __future__ import annotations
@@ -184,6 +184,8 @@ DP_X_BYTES = 16384
 # burst before it: paired with the burst, Mixtral-shaped experts (weights from DRAM, 2-10 tokens
 # an expert) fp32 1.06-1.45x, bf16 0.99-1.18x; the whole 16-token decode fp32 1.13x, bf16 1.05x
 PF_ROWS = 2
+# and, for rows cut into input chunks (shorter pieces), at least this many bytes ahead
+PF_BYTES = 4096
 # tokens per expert from which the kernel asks ahead: fp32 with one token streams best on the
 # hardware prefetcher alone (1-token Mixtral decode 0.95-0.97x with the requests, paired)
 PF_FROM = {"dp": 1, "f32": 2}
@@ -193,11 +195,14 @@ PF_FROM = {"dp": 1, "f32": 2}
 F32_ROWS_MAX = DP_TOKENS
 
 
-def _dp_chains(m: int) -> int:
-    # accumulators per token for m tokens in a pass: vdpbf16ps has ~6 cycles of latency and one
-    # issues per cycle, so a pass needs ~6-8 independent chains to run at the issue rate (the
-    # kernel had one chain per token: 4 tokens were latency-bound at 6 cycles per 4 products)
-    return max(1, -(-8 // m)) if m < 8 else 1
+def _dp_chains(m: int, nr: int = 1) -> int:
+    # accumulators per (row, token) for m tokens and nr weight rows in a pass: vdpbf16ps has ~6
+    # cycles of latency and issues up to 2 a cycle, so a pass needs 8-12 independent chains to run
+    # at the issue rate (the kernel had one chain per token: 4 tokens were latency-bound at 6
+    # cycles per 4 products)
+    if nr == 1:
+        return max(1, -(-8 // m)) if m < 8 else 1
+    return max(1, -(-12 // (nr * m)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,26 +226,30 @@ def _compiled_rows(kind: str):
     vin = ir.VectorType(bfloat_type(), 32) if kind == "dp" else v16f  # 64 bytes of w or x
     esz = 2 if kind == "dp" else 4
     pf_from = PF_FROM[kind]
+    pf_rows, pf_bytes = PF_ROWS, PF_BYTES  # read here: numba freezes globals when it compiles
 
     def c64(v):
         return ir.Constant(i64, v)
 
-    def make_dot(m):
-        u = _dp_chains(m)
+    def make_dot(m, nr):
+        u = _dp_chains(m, nr)
 
         @intrinsic
-        def dot(typingctx, wrow, x0, xstride, c, o0, ostride, add, pf):
-            # for the m token rows x_j = x0 + j*xstride (addresses of c values, 64 bytes a block):
-            #   *(float*)(o0 + j*ostride) (+)= sum_k w[k] * x_j[k]   (+= when add is true)
-            # and, when pf != 0, each 64-byte block of w at wrow + pf asked into L2 as the block at
-            # wrow is used: requests spread over the compute (a burst of a row's prefetches before
+        def dot(typingctx, wrow, x0, xstride, c, o0, ostride, add, pf, wstride):
+            # for the nr weight rows w_i = wrow + i*wstride and the m token rows
+            # x_j = x0 + j*xstride (addresses of c values, 64 bytes a block):
+            #   *(float*)(o0 + j*ostride + 4*i) (+)= sum_k w_i[k] * x_j[k]   (+= when add is true)
+            # (two rows share each x load: a row's pass reloads every token's x, and at 4-8 tokens
+            # those loads, not the products, bound the loop)
+            # and, when pf != 0, each 64-byte block of w_i at w_i + pf asked into L2 as the block at
+            # w_i is used: requests spread over the compute (a burst of a row's prefetches before
             # it stalls on the few miss buffers while nothing computes)
-            # with u accumulators per token (64-byte blocks round-robin), summed at the end
+            # with u accumulators per (row, token) (64-byte blocks round-robin), summed at the end
             sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
-                             types.boolean, types.int64)
+                             types.boolean, types.int64, types.int64)
 
             def codegen(context, builder, signature, args):
-                wrow_, x0_, xs_, c_, o0_, os_, add_, pf_ = args
+                wrow_, x0_, xs_, c_, o0_, os_, add_, pf_, wst_ = args
                 ahead = builder.icmp_signed("!=", pf_, c64(0))
                 if kind == "dp":
                     dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, vin, vin]),
@@ -249,18 +258,24 @@ def _compiled_rows(kind: str):
                     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3),
                                                          "llvm.fma.v16f32")
                 xrows = [builder.add(x0_, builder.mul(xs_, c64(j))) for j in range(m)]
+                wrows = [builder.add(wrow_, builder.mul(wst_, c64(i))) for i in range(nr)]
                 zero = ir.Constant(v16f, [0.0] * 16)
-                accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(u)] for _ in range(m)]
+                accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(u)] for _ in range(m)]
+                        for _ in range(nr)]
 
-                def block(o, q):  # 64 bytes at byte offset o into accumulator q of every token
+                def block(o, q):  # 64 bytes at byte offset o into accumulator q of every (row, token)
                     with builder.if_then(ahead):
-                        emit_prefetch_l2(builder, builder.add(builder.add(wrow_, o), pf_))
-                    wv = builder.load(builder.inttoptr(builder.add(wrow_, o), vin.as_pointer()), align=esz)
+                        for i in range(nr):
+                            emit_prefetch_l2(builder, builder.add(builder.add(wrows[i], o), pf_))
+                    wvs = [builder.load(builder.inttoptr(builder.add(wrows[i], o), vin.as_pointer()), align=esz)
+                           for i in range(nr)]
                     for j in range(m):
                         xv = builder.load(builder.inttoptr(builder.add(xrows[j], o), vin.as_pointer()), align=esz)
-                        acc = builder.load(accs[j][q])
-                        acc = builder.call(dp, [acc, wv, xv]) if kind == "dp" else builder.call(fma, [wv, xv, acc])
-                        builder.store(acc, accs[j][q])
+                        for i in range(nr):
+                            acc = builder.load(accs[i][j][q])
+                            acc = (builder.call(dp, [acc, wvs[i], xv]) if kind == "dp"
+                                   else builder.call(fma, [wvs[i], xv, acc]))
+                            builder.store(acc, accs[i][j][q])
 
                 nbytes = builder.mul(c_, c64(esz))
                 main = builder.mul(builder.udiv(nbytes, c64(64 * u)), c64(64 * u))
@@ -271,46 +286,72 @@ def _compiled_rows(kind: str):
                     with cgutils.for_range_slice(builder, main, nbytes, c64(64), inc=True) as (o, _):
                         block(o, 0)
                 tot = []
-                for j in range(m):
-                    t = builder.load(accs[j][0])
-                    for q in range(1, u):
-                        t = builder.fadd(t, builder.load(accs[j][q]))
-                    tot.append(t)
+                for i in range(nr):
+                    for j in range(m):
+                        t = builder.load(accs[i][j][0])
+                        for q in range(1, u):
+                            t = builder.fadd(t, builder.load(accs[i][j][q]))
+                        tot.append(t)
                 sums = []
-                for g in range(0, m, 4):
+                for g in range(0, m * nr, 4):
                     sums += lane_sums(builder, tot[g:g + 4])
-                for j in range(m):
-                    optr = builder.inttoptr(builder.add(o0_, builder.mul(os_, c64(j))), f32.as_pointer())
-                    with builder.if_then(add_):
-                        builder.store(builder.fadd(builder.load(optr), sums[j]), optr)
-                    with builder.if_then(builder.not_(add_)):
-                        builder.store(sums[j], optr)
+                for i in range(nr):
+                    for j in range(m):
+                        optr = builder.inttoptr(builder.add(o0_, builder.add(builder.mul(os_, c64(j)), c64(4 * i))),
+                                                f32.as_pointer())
+                        s_ = sums[i * m + j]
+                        with builder.if_then(add_):
+                            builder.store(builder.fadd(builder.load(optr), s_), optr)
+                        with builder.if_then(builder.not_(add_)):
+                            builder.store(s_, optr)
                 return context.get_dummy_value()
 
             return sig, codegen
 
         return dot
 
-    d1, d2, d3, d4, d5, d6, d7, d8 = (make_dot(m) for m in range(1, DP_TOKENS + 1))
+    d1, d2, d3, d4, d5, d6, d7, d8 = (make_dot(m, 1) for m in range(1, DP_TOKENS + 1))
+    e1, e2, e3, e4, e5, e6, e7, e8 = (make_dot(m, 2) for m in range(1, DP_TOKENS + 1))
 
     @numba.njit(inline="always")
     def dot(m, wr, x0, rowb, c, o0, ostride, add, pf):
+        # one weight row
         if m == 8:
-            d8(wr, x0, rowb, c, o0, ostride, add, pf)
+            d8(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
         elif m == 4:
-            d4(wr, x0, rowb, c, o0, ostride, add, pf)
+            d4(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
         elif m == 1:
-            d1(wr, x0, rowb, c, o0, ostride, add, pf)
+            d1(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
         elif m == 2:
-            d2(wr, x0, rowb, c, o0, ostride, add, pf)
+            d2(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
         elif m == 3:
-            d3(wr, x0, rowb, c, o0, ostride, add, pf)
+            d3(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
         elif m == 5:
-            d5(wr, x0, rowb, c, o0, ostride, add, pf)
+            d5(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
         elif m == 6:
-            d6(wr, x0, rowb, c, o0, ostride, add, pf)
+            d6(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
         else:
-            d7(wr, x0, rowb, c, o0, ostride, add, pf)
+            d7(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+
+    @numba.njit(inline="always")
+    def dot2(m, wr, x0, rowb, c, o0, ostride, add, pf):
+        # two adjacent weight rows (wr and wr + rowb), outputs o0 and o0 + 4
+        if m == 8:
+            e8(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+        elif m == 4:
+            e4(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+        elif m == 1:
+            e1(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+        elif m == 2:
+            e2(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+        elif m == 3:
+            e3(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+        elif m == 5:
+            e5(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+        elif m == 6:
+            e6(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+        else:
+            e7(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
 
     @numba.njit(parallel=True)
     def matvec_dp(w, xb, offsets, used, out):
@@ -335,14 +376,26 @@ def _compiled_rows(kind: str):
             chunk = max(32, DP_X_BYTES // (esz * min(n, DP_TOKENS)) // 32 * 32)
             rows = min(R, r0 + 16) - r0
             nch = (C + chunk - 1) // chunk
+            # balanced chunks (no short tail piece: 2720 + 96 values became 1408 + 1408); cut rows
+            # ask at least PF_BYTES ahead, an even number of pieces (they go in pairs, see below)
+            chunk = ((C + nch - 1) // nch + 31) // 32 * 32
+            nch = (C + chunk - 1) // chunk
+            pfp = pf_rows
+            if nch > 1:
+                pfp = (max(pf_rows, (pf_bytes + chunk * esz - 1) // (chunk * esz)) + 1) // 2 * 2
             for k0 in range(0, C, chunk):
                 kc = min(chunk, C - k0)
-                for r in range(r0, r0 + rows):
+                r = r0
+                while r < r0 + rows:
+                    # rows cut into chunks go two at a time (each x load serves both rows: at 4-8
+                    # tokens the loads bound the pass); whole rows one at a time, in address order
+                    # (a two-row walk of whole rows defeats the L2 stream prefetcher: 0.76x, paired)
+                    two = nch > 1 and r + 1 < r0 + rows
                     wr = wa + (e * R + r) * rowb + k0 * esz
-                    # the piece (row, chunk) PF_ROWS pieces on in this task's order, or the next
+                    # the piece (row, chunk) pfp pieces on in this task's order, or the next
                     # task's first rows (the same thread's next task under static scheduling),
                     # asked into L2 by the first pass (row starts at the start of a new chunk)
-                    ahead = (k0 // chunk) * rows + (r - r0) + PF_ROWS
+                    ahead = (k0 // chunk) * rows + (r - r0) + pfp
                     if ahead < nch * rows:
                         pf = (e * R + r0 + ahead % rows) * rowb + (ahead // rows) * chunk * esz
                     elif r0 + rows + ahead - nch * rows < R:
@@ -353,10 +406,15 @@ def _compiled_rows(kind: str):
                     b = 0
                     while b < n:
                         m = min(DP_TOKENS, n - b)
-                        dot(m, wr, xa + (s + b) * rowb + k0 * esz, rowb, kc, oa + ((s + b) * R + r) * 4, R * 4,
-                            k0 > 0, pf)
+                        if two:
+                            dot2(m, wr, xa + (s + b) * rowb + k0 * esz, rowb, kc, oa + ((s + b) * R + r) * 4,
+                                 R * 4, k0 > 0, pf)
+                        else:
+                            dot(m, wr, xa + (s + b) * rowb + k0 * esz, rowb, kc, oa + ((s + b) * R + r) * 4,
+                                R * 4, k0 > 0, pf)
                         pf = 0
                         b += m
+                    r += 2 if two else 1
 
     return matvec_dp
 
