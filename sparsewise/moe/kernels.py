@@ -13,8 +13,9 @@ For many rows per expert (prefill) torch's GEMM wins and the function layer uses
 bf16 weights: on CPUs with AVX-512 BF16 (and C % 32 == 0) x is rounded to bf16 and the kernel
 multiplies bf16 pairs with ``vdpbf16ps`` into fp32, every token of an expert (up to 8 per pass)
 in one pass over each weight row, with enough accumulator chains to hide the instruction's
-latency, x cut into L1-sized input chunks of equal length (rows cut so go two at a time, sharing
-each x load) and the weight rows a few rows ahead asked into L2 block by block as the compute goes; fp32 weights (C % 16 == 0) take the same kernel with 16-lane FMAs;
+latency, x cut into L1-sized input chunks of equal length (weight rows that are cut go two at a
+time, sharing each x load) and the weight rows a few rows ahead asked into L2 block by block as
+the compute goes; fp32 weights (C % 16 == 0) take the same kernel with 16-lane FMAs;
 elsewhere the weights are widened to fp32 element by element. out is fp32.
 """
 from __future__ import annotations
