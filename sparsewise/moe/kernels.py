@@ -232,13 +232,14 @@ def _compiled_rows(kind: str):
     def c64(v):
         return ir.Constant(i64, v)
 
-    def make_dot(m, nr):
-        u = _dp_chains(m, nr)
+    def make_dot(m):
+        u1, u2 = _dp_chains(m, 1), _dp_chains(m, 2)
 
         @intrinsic
-        def dot(typingctx, wrow, x0, xstride, c, o0, ostride, add, pf, wstride):
-            # for the nr weight rows w_i = wrow + i*wstride and the m token rows
-            # x_j = x0 + j*xstride (addresses of c values, 64 bytes a block):
+        def dot(typingctx, two, wrow, x0, xstride, c, o0, ostride, add, pf):
+            # for nr = 2 if two else 1 weight rows w_i = wrow + i*xstride (weight and x rows have
+            # the same length) and the m token rows x_j = x0 + j*xstride (addresses of c values,
+            # 64 bytes a block):
             #   *(float*)(o0 + j*ostride + 4*i) (+)= sum_k w_i[k] * x_j[k]   (+= when add is true)
             # (two rows share each x load: a row's pass reloads every token's x, and at 4-8 tokens
             # those loads, not the products, bound the loop)
@@ -246,11 +247,11 @@ def _compiled_rows(kind: str):
             # w_i is used: requests spread over the compute (a burst of a row's prefetches before
             # it stalls on the few miss buffers while nothing computes)
             # with u accumulators per (row, token) (64-byte blocks round-robin), summed at the end
-            sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
-                             types.boolean, types.int64, types.int64)
+            sig = types.void(types.boolean, types.int64, types.int64, types.int64, types.int64, types.int64,
+                             types.int64, types.boolean, types.int64)
 
             def codegen(context, builder, signature, args):
-                wrow_, x0_, xs_, c_, o0_, os_, add_, pf_, wst_ = args
+                two_, wrow_, x0_, xs_, c_, o0_, os_, add_, pf_ = args
                 ahead = builder.icmp_signed("!=", pf_, c64(0))
                 if kind == "dp":
                     dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, vin, vin]),
@@ -259,100 +260,86 @@ def _compiled_rows(kind: str):
                     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3),
                                                          "llvm.fma.v16f32")
                 xrows = [builder.add(x0_, builder.mul(xs_, c64(j))) for j in range(m)]
-                wrows = [builder.add(wrow_, builder.mul(wst_, c64(i))) for i in range(nr)]
                 zero = ir.Constant(v16f, [0.0] * 16)
-                accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(u)] for _ in range(m)]
-                        for _ in range(nr)]
 
-                def block(o, q):  # 64 bytes at byte offset o into accumulator q of every (row, token)
-                    with builder.if_then(ahead):
-                        for i in range(nr):
-                            emit_prefetch_l2(builder, builder.add(builder.add(wrows[i], o), pf_))
-                    wvs = [builder.load(builder.inttoptr(builder.add(wrows[i], o), vin.as_pointer()), align=esz)
-                           for i in range(nr)]
-                    for j in range(m):
-                        xv = builder.load(builder.inttoptr(builder.add(xrows[j], o), vin.as_pointer()), align=esz)
-                        for i in range(nr):
-                            acc = builder.load(accs[i][j][q])
-                            acc = (builder.call(dp, [acc, wvs[i], xv]) if kind == "dp"
-                                   else builder.call(fma, [wvs[i], xv, acc]))
-                            builder.store(acc, accs[i][j][q])
+                def body(nr, u):
+                    wrows = [builder.add(wrow_, builder.mul(xs_, c64(i))) for i in range(nr)]
+                    accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(u)] for _ in range(m)]
+                            for _ in range(nr)]
 
-                nbytes = builder.mul(c_, c64(esz))
-                main = builder.mul(builder.udiv(nbytes, c64(64 * u)), c64(64 * u))
-                with cgutils.for_range_slice(builder, c64(0), main, c64(64 * u), inc=True) as (o, _):
-                    for q in range(u):
-                        block(builder.add(o, c64(64 * q)), q)
-                if u > 1:  # the last blocks when c / 32 is not a multiple of u
-                    with cgutils.for_range_slice(builder, main, nbytes, c64(64), inc=True) as (o, _):
-                        block(o, 0)
-                tot = []
-                for i in range(nr):
-                    for j in range(m):
-                        t = builder.load(accs[i][j][0])
-                        for q in range(1, u):
-                            t = builder.fadd(t, builder.load(accs[i][j][q]))
-                        tot.append(t)
-                sums = []
-                for g in range(0, m * nr, 4):
-                    sums += lane_sums(builder, tot[g:g + 4])
-                for i in range(nr):
-                    for j in range(m):
-                        optr = builder.inttoptr(builder.add(o0_, builder.add(builder.mul(os_, c64(j)), c64(4 * i))),
-                                                f32.as_pointer())
-                        s_ = sums[i * m + j]
-                        with builder.if_then(add_):
-                            builder.store(builder.fadd(builder.load(optr), s_), optr)
-                        with builder.if_then(builder.not_(add_)):
-                            builder.store(s_, optr)
+                    def block(o, q):  # 64 bytes at byte offset o into accumulator q of every (row, token)
+                        with builder.if_then(ahead):
+                            for i in range(nr):
+                                emit_prefetch_l2(builder, builder.add(builder.add(wrows[i], o), pf_))
+                        wvs = [builder.load(builder.inttoptr(builder.add(wrows[i], o), vin.as_pointer()), align=esz)
+                               for i in range(nr)]
+                        for j in range(m):
+                            xv = builder.load(builder.inttoptr(builder.add(xrows[j], o), vin.as_pointer()), align=esz)
+                            for i in range(nr):
+                                acc = builder.load(accs[i][j][q])
+                                acc = (builder.call(dp, [acc, wvs[i], xv]) if kind == "dp"
+                                       else builder.call(fma, [wvs[i], xv, acc]))
+                                builder.store(acc, accs[i][j][q])
+
+                    nbytes = builder.mul(c_, c64(esz))
+                    main = builder.mul(builder.udiv(nbytes, c64(64 * u)), c64(64 * u))
+                    with cgutils.for_range_slice(builder, c64(0), main, c64(64 * u), inc=True) as (o, _):
+                        for q in range(u):
+                            block(builder.add(o, c64(64 * q)), q)
+                    if u > 1:  # the last blocks when c / 32 is not a multiple of u
+                        with cgutils.for_range_slice(builder, main, nbytes, c64(64), inc=True) as (o, _):
+                            block(o, 0)
+                    tot = []
+                    for i in range(nr):
+                        for j in range(m):
+                            t = builder.load(accs[i][j][0])
+                            for q in range(1, u):
+                                t = builder.fadd(t, builder.load(accs[i][j][q]))
+                            tot.append(t)
+                    sums = []
+                    for g in range(0, m * nr, 4):
+                        sums += lane_sums(builder, tot[g:g + 4])
+                    for i in range(nr):
+                        for j in range(m):
+                            optr = builder.inttoptr(builder.add(o0_, builder.add(builder.mul(os_, c64(j)), c64(4 * i))),
+                                                    f32.as_pointer())
+                            s_ = sums[i * m + j]
+                            with builder.if_then(add_):
+                                builder.store(builder.fadd(builder.load(optr), s_), optr)
+                            with builder.if_then(builder.not_(add_)):
+                                builder.store(s_, optr)
+
+                with builder.if_else(two_) as (pair, single):
+                    with pair:
+                        body(2, u2)
+                    with single:
+                        body(1, u1)
                 return context.get_dummy_value()
 
             return sig, codegen
 
         return dot
 
-    d1, d2, d3, d4, d5, d6, d7, d8 = (make_dot(m, 1) for m in range(1, DP_TOKENS + 1))
-    e1, e2, e3, e4, e5, e6, e7, e8 = (make_dot(m, 2) for m in range(1, DP_TOKENS + 1))
+    d1, d2, d3, d4, d5, d6, d7, d8 = (make_dot(m) for m in range(1, DP_TOKENS + 1))
 
     @numba.njit(inline="always")
-    def dot(m, wr, x0, rowb, c, o0, ostride, add, pf):
-        # one weight row
+    def dot(m, two, wr, x0, rowb, c, o0, ostride, add, pf):
         if m == 8:
-            d8(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+            d8(two, wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 4:
-            d4(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+            d4(two, wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 1:
-            d1(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+            d1(two, wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 2:
-            d2(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+            d2(two, wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 3:
-            d3(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+            d3(two, wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 5:
-            d5(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+            d5(two, wr, x0, rowb, c, o0, ostride, add, pf)
         elif m == 6:
-            d6(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+            d6(two, wr, x0, rowb, c, o0, ostride, add, pf)
         else:
-            d7(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
-
-    @numba.njit(inline="always")
-    def dot2(m, wr, x0, rowb, c, o0, ostride, add, pf):
-        # two adjacent weight rows (wr and wr + rowb), outputs o0 and o0 + 4
-        if m == 8:
-            e8(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
-        elif m == 4:
-            e4(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
-        elif m == 1:
-            e1(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
-        elif m == 2:
-            e2(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
-        elif m == 3:
-            e3(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
-        elif m == 5:
-            e5(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
-        elif m == 6:
-            e6(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
-        else:
-            e7(wr, x0, rowb, c, o0, ostride, add, pf, rowb)
+            d7(two, wr, x0, rowb, c, o0, ostride, add, pf)
 
     @numba.njit(parallel=True)
     def matvec_dp(w, xb, offsets, used, out):
@@ -407,12 +394,8 @@ def _compiled_rows(kind: str):
                     b = 0
                     while b < n:
                         m = min(DP_TOKENS, n - b)
-                        if two:
-                            dot2(m, wr, xa + (s + b) * rowb + k0 * esz, rowb, kc, oa + ((s + b) * R + r) * 4,
-                                 R * 4, k0 > 0, pf)
-                        else:
-                            dot(m, wr, xa + (s + b) * rowb + k0 * esz, rowb, kc, oa + ((s + b) * R + r) * 4,
-                                R * 4, k0 > 0, pf)
+                        dot(m, two, wr, xa + (s + b) * rowb + k0 * esz, rowb, kc, oa + ((s + b) * R + r) * 4,
+                            R * 4, k0 > 0, pf)
                         pf = 0
                         b += m
                     r += 2 if two else 1
