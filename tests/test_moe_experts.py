@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparsewise.moe import MoE, RouterConfig, build_plan, grouped_matvec, reference_moe
 from sparsewise.moe import experts as experts_mod
@@ -472,3 +474,22 @@ def test_fused_decode_with_large_intermediates(weights):
     want = _unfused_decode(gu, dn, x, plan)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got_fused, want, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(0, 12), min_size=1, max_size=10), per=st.integers(1, 5),
+       workers=st.integers(1, 4), c0=st.sampled_from([0.5, 2.0, 8.0]))
+def test_task_bounds_split_every_task_once_by_work(counts, per, workers, c0):
+    # the 2:4 grouped kernel's split of (expert, row chunk) tasks over threads: contiguous runs
+    # that cover every task once, each within one task's cost of an equal share
+    from sparsewise.moe.kernels import _task_bounds
+
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    used = np.array([e for e, c in enumerate(counts) if c > 0], np.int64)
+    b = _task_bounds()(used, offsets, per, workers, c0)
+    nt = used.shape[0] * per
+    assert b.shape == (workers + 1,) and b[0] == 0 and b[-1] == nt and np.all(np.diff(b) >= 0)
+    costs = np.repeat([c0 + counts[e] for e in used], per) if nt else np.zeros(0)
+    share = costs.sum() / workers
+    for w in range(workers):
+        assert abs(costs[b[w]:b[w + 1]].sum() - share) <= costs.max(initial=0) + 1e-9
