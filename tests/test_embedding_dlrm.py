@@ -137,10 +137,13 @@ def test_bench_rows_tiny(monkeypatch):
     trn = bench.training_rows(N=5000, D=16, B=64, L=4, pairs=1)
     assert {r["optimizer"] for r in trn} == {"RowwiseAdagrad", "Adagrad"}
     assert all(r["ceiling_ratio"] > 0 and r["floor_ms"] > 0 for r in trn)
+    # the floor timed beside each step: ratio floor / step, times of that compare
+    assert all(r["of_floor"] > 0 and r["floor_beside_ms"] > 0 and r["ours_beside_floor_ms"] > 0 for r in trn)
     dl = bench.dlrm_rows(batch_size=64, pairs=1)
     assert dl[0]["kind"] == "dlrm" and dl[0]["ratio"] > 0
     table = bench.format_table(rows + trn + dl)
     assert table.count("\n") == len(rows) + len(trn) + len(dl) + 1
+    assert table.count("ms: ") == len(trn)  # each training row names its floor beside it
 
 
 def test_lines_per_row():

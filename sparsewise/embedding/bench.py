@@ -232,7 +232,9 @@ def forward_rows(*, T=8, N=1_000_000, D=128, B=8192, L=32, dists=tuple(DISTS), d
 
 
 def training_rows(*, N=1_000_000, D=128, B=4096, L=32, pairs=5, progress=None) -> list[dict]:
-    """One training step (forward, backward, optimizer) on one table, uniform ids."""
+    """One training step (forward, backward, optimizer) on one table, uniform ids, against each
+    baseline, and against the step's floor (:func:`floor_step`) timed beside it: ``of_floor`` is
+    floor time / step time in the same rounds (1.0: the step does no more than its memory floor)."""
     pool = _batches(1, N, B, L, 0.0, 3, seed=2)
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(B, D, generator=gen)
@@ -268,8 +270,6 @@ def training_rows(*, N=1_000_000, D=128, B=4096, L=32, pairs=5, progress=None) -
                                "floor_baseline_ms": c.baseline_s * 1e3}
         if bar:
             bar.update(1)
-    del floor
-    gc.collect()
     for opt_name, base_name in cases:
         optim = RowwiseAdagrad(lr=0.01) if opt_name == "RowwiseAdagrad" else Adagrad(lr=0.01)
         ebc = EmbeddingBagCollection([TableConfig("t", N, D, ("f0",), init=lambda w: w.copy_(init))], optimizer=optim)
@@ -281,14 +281,20 @@ def training_rows(*, N=1_000_000, D=128, B=4096, L=32, pairs=5, progress=None) -
         if bar:
             bar.set_postfix_str(f"{opt_name} vs {base_name.split(' ')[0]}")
         r = compare(ours, baselines[base_name], pairs=pairs, name=f"train {opt_name} vs {base_name}")
+        # and against the floor, interleaved too: how far the step is from its least memory work
+        # in the same minutes (the machine's memory speed drifts between the compares above)
+        f = compare(ours, floor, pairs=pairs, name=f"train {opt_name} vs its floor")
         rows.append({"kind": "train", "optimizer": opt_name, "baseline": base_name, "rows": N, "dim": D, "batch": B,
                      "ids_per_bag": L, "ratio": r.ratio, "ratio_min": r.ratio_min, "ratio_max": r.ratio_max,
                      "ms": r.candidate_s * 1e3, "baseline_ms": r.baseline_s * 1e3, "pairs": r.pairs, "threads": r.threads,
-                     **ceilings[base_name]})
+                     **ceilings[base_name], "of_floor": f.ratio, "floor_beside_ms": f.baseline_s * 1e3,
+                     "ours_beside_floor_ms": f.candidate_s * 1e3})
         del ebc
         gc.collect()
         if bar:
             bar.update(1)
+    del floor
+    gc.collect()
     if bar:
         bar.close()
     return rows
@@ -366,6 +372,8 @@ def _ceiling(r: dict) -> str:
 
 
 def _pct(r: dict) -> str:
+    if r.get("of_floor") is not None:  # a training step: the floor timed beside it
+        return f"floor {r['floor_beside_ms']:.1f} ms: {100 * r['of_floor']:.0f}%"
     if r.get("pct_gather_limit") is None:
         return "-"
     return f"{r['pct_gather_limit']:.0f}% of {r['gather_limit_gbs']:.1f}"
@@ -388,7 +396,7 @@ def format_table(rows: list[dict]) -> str:
         else:
             out.append(f"| train step {r['rows'] // 1000}k x{r['dim']}, B {r['batch']} x {r['ids_per_bag']}: "
                        f"{r['optimizer']} vs {r['baseline']} | uniform | fp32 | fused | {r['ratio']:.2f}x | {r['ms']:.1f} "
-                       f"| {r['baseline_ms']:.1f} | | | {_ceiling(r)} |")
+                       f"| {r['baseline_ms']:.1f} | | {_pct(r)} | {_ceiling(r)} |")
     return "\n".join(out)
 
 
