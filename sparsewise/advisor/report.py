@@ -46,7 +46,9 @@ STATUS = [
      "Fashion-MNIST within 0.3 points of dense after fine-tuning"),
     ("Embedding engine: jagged lookups, quantized rows, fused optimizer, DLRM (sparsewise.embedding)",
      "works on CPU; lookups 1.65-1.86x / 2.52-3.45x / 2.81-4.23x nn.EmbeddingBag (fp32 / bf16 / int8), training 15.6-16.1x torch / "
-     "2.3-2.5x FBGEMM (targets 20x / 3x not met); tables larger than RAM, sharding not built yet"),
+     "2.3-2.5x FBGEMM (targets 20x / 3x not met); second host's last run: lookups 0.87x / 1.74x / 2.14x (in-run "
+     "ceilings 1.36x / 2.72x / 3.62x), training 20.69x torch, 1.45x FBGEMM (ceiling 2.34x), step at 69% of its floor; "
+     "tables larger than RAM, sharding not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)",
      "works on CPU (training and inference), on CUDA through torch ops; experts pruned by prune_; decode 2.2-3.3x "
      "transformers at 16 tokens (Mixtral bf16 2.50x), 2:4 experts 3.5-4.7x in fp32 and DeepSeek bf16; 1-token dense "
