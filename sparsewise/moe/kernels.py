@@ -772,14 +772,18 @@ def _compiled_nm(kernel: str):
         per = (R + chunk - 1) // chunk
         nw = numba.get_num_threads()
         bounds = task_bounds(used, offsets, per, nw, c0)
+        nmax = 0
+        for e in used:
+            nmax = max(nmax, offsets[e + 1] - offsets[e])
         for wk in numba.prange(nw):  # one contiguous run of tasks per thread
+            ybuf = np.empty(nmax * chunk, np.float32)  # a task's (tokens, rows) result, reused
             for task in range(bounds[wk], bounds[wk + 1]):
                 e = used[task // per]
                 r0 = (task % per) * chunk
                 ch = min(chunk, R - r0)
                 s = offsets[e]
                 n = offsets[e + 1] - s
-                y = np.empty(n * ch, np.float32)
+                y = ybuf[:n * ch]
                 v0 = (e * R + r0) * half
                 m0 = (e * R + r0) * row_bytes
                 ser(vals[v0:v0 + ch * half], meta[m0:m0 + ch * row_bytes], xb[s * kmain:(s + n) * kmain],
