@@ -108,3 +108,27 @@ def test_gather_limit_over_several_tables():
         P.gather_reader([tabs[0], torch.ones(10, 16)])
     with pytest.raises(ValueError, match="at least one"):
         P.gather_reader([])
+
+
+@pytest.mark.parametrize("row_bytes", [16, 64, 68, 136, 256, 400])
+def test_gather_reader_reads_every_word_of_every_row(row_bytes):
+    # the whole-row reader is unrolled per row size: its xor of 64 B loads must cover each row's
+    # words exactly once, except the words its last (overlapping) load reads twice, which cancel
+    import numpy as np
+    import torch
+
+    gen = np.random.default_rng(row_bytes)
+    w = row_bytes // 4
+    tabs = [torch.from_numpy(gen.integers(0, 2**32, (300 + 50 * t, w), dtype=np.uint64).astype(np.uint32).view(np.int32))
+            for t in range(2)]
+    ids = np.concatenate([gen.integers(0, 300, 200) for _ in tabs]).astype(np.int64)
+    want = 0
+    for t, tab in enumerate(tabs):
+        rows = tab.numpy().view(np.uint32)[ids[t * 200:(t + 1) * 200]]
+        if row_bytes > 64 and row_bytes % 64:
+            rows = np.concatenate([rows[:, :(row_bytes // 64) * 16], rows[:, w - 16:]], axis=1)
+        want ^= int(np.bitwise_xor.reduce(rows.ravel()))
+    read, rb, _ = P.gather_reader(tabs)
+    assert rb == row_bytes
+    for dist in (0, 8, 64):
+        assert read(ids, dist) == want
