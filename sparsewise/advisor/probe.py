@@ -109,8 +109,8 @@ def _xor_rows(row_bytes: int):
     when the row is not a multiple of 64 B), prefetching every line of the row ``dist`` ids ahead
     (words read twice cancel: the value only keeps the loads alive). The loads and prefetches of a
     row are unrolled for its size: with loops of a run-time trip count per row this reader gathered
-    256 B rows at half the rate (measured here, Zen 5: 26 ms against 11.6 ms for 8 x 262144 random
-    rows), and the embedding kernels, which unroll, beat it by 60%. numba keeps array accumulators
+    256 B rows at less than half the rate (Zen 5: 26 ms against 11.6 ms for 8 x 262144 random
+    rows), and the embedding kernels, which unroll, beat that version by 60%. numba keeps array accumulators
     in memory; this is the register-resident loop the embedding kernels use, without their
     arithmetic."""
     from llvmlite import ir
@@ -282,8 +282,8 @@ def gather_limit(rows, n_ids: int = 1 << 20, *, threads: int | None = None, repe
     instructions; which is faster depends on the row size); returns the best (rows/s, GB/s, the
     distance, the reading) and every distance's best GB/s. It is the best simple reader, not a
     proof (skewed ids hit in cache). Until its whole-row reading was unrolled per row size, the
-    embedding kernels beat it on short rows (by 50-60% on 256 B bf16 and 136 B int8 rows). The probe's plain ``gather_sum`` figures are what unprefetched
-    code gets.
+    embedding kernels beat it on short rows (by 50-60% on 256 B bf16 and 136 B int8 rows). The
+    probe's plain ``gather_sum`` figures are what unprefetched code gets.
     ``row_bytes`` must be a multiple of 4."""
     read, row_bytes, nrows = gather_reader(rows)
     nrows = [nrows] if isinstance(nrows, int) else nrows
