@@ -6,17 +6,18 @@ import functools
 __all__ = ["emit_prefetch_l2", "lane_sums", "prefetch_l2", "prefetch_row", "bfloat_type"]
 
 
-def emit_prefetch_l2(builder, addr) -> None:
+def emit_prefetch_l2(builder, addr, locality: int = 2) -> None:
     """Emit, inside an intrinsic's codegen, ``prefetcht1`` of the cache line at ``addr`` (an i64
-    address): the one place the kernels spell LLVM's prefetch call."""
+    address), or ``prefetcht0`` (into L1) with ``locality=3``: the one place the kernels spell
+    LLVM's prefetch call."""
     from llvmlite import ir
     from numba.core import cgutils
 
     i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                                         "llvm.prefetch.p0")
-    # (address, read, locality 2 = prefetcht1, data cache)
-    builder.call(fn, [builder.inttoptr(addr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+    # (address, read, locality 2 = prefetcht1 / 3 = prefetcht0, data cache)
+    builder.call(fn, [builder.inttoptr(addr, i8p), ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
 
 
 @functools.lru_cache(maxsize=None)

@@ -318,6 +318,25 @@ def test_register_accumulated_fp32_path(dim, pooling, weighted):
         torch.testing.assert_close(q(kj).values, q(kj, backend="reference").values, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [32, 128, 160])
+def test_bf16_bags_with_inf_and_nan_match_reference(dim):
+    # unweighted bf16 bags sum with vdpbf16ps against (1, 0) / (0, 1) pairs where the CPU has it:
+    # an inf in one half of a 32-bit word makes NaN (inf * 0) in the other half's sum, so such bags
+    # are pooled again the exact way; sums must match the reference, inf and NaN included
+    rng = np.random.default_rng(dim)
+    ebc = EmbeddingBagCollection([TableConfig("a", 50, dim, ("x",), init="normal")], backend="kernel").quantize("bf16")
+    w = ebc.embedding_tables["a"].weight
+    with torch.no_grad():
+        w[3, 1] = float("inf")  # odd column: the high half of word 0
+        w[4, 2] = float("-inf")  # even column: the low half of word 1
+        w[5, dim - 1] = float("nan")
+    bags = [rng.integers(0, 50, rng.integers(0, 7)).tolist() for _ in range(40)] + [[3], [4], [5], [3, 4], [3, 0]]
+    kj = KeyedJagged.from_lists({"x": bags})
+    got, want = ebc(kj).values, ebc(kj, backend="reference").values
+    assert not torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("opt", OPTS, ids=lambda o: type(o).__name__)
 def test_register_fused_update_matches_reference(opt):
     # dims % 16 == 0 up to 128 update in vector registers (sum and mean features, shared tables,

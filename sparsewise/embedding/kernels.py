@@ -31,6 +31,21 @@ from .._intrinsics import emit_prefetch_l2, lane_sums, prefetch_row as _prefetch
 __all__ = ["pooled_forward", "pooled_forward_dedup", "check_ids", "sort_by_row", "fused_update", "all_finite", "DTYPE_CODES", "POOL_CODES"]
 
 DTYPE_CODES = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3}
+
+# unweighted bf16 bags sum with vdpbf16ps where the CPU has AVX-512 BF16 (read when the kernels
+# compile): one instruction per 16 columns instead of shift/mask + add, 2-5% faster on 256 B rows
+# (session 28, one process). It flushes bf16 subnormals (|x| < 1.2e-38) and subnormal sums to 0;
+# bags with an inf or NaN are pooled again the exact way.
+DP_POOL = True
+# bag passes reading fewer bytes a row than this prefetch into L1 (prefetcht0), others into L2 (t1):
+# on 256 B bf16 rows t0 was 3-6% faster (sessions 26 and 28); t0 was measured on shorter rows only
+BAG_T0_BYTES = 512
+
+
+def _dp_available() -> bool:
+    from ..moe.kernels import dp_available
+
+    return dp_available()
 POOL_CODES = {"sum": 0, "mean": 1, "max": 2}
 
 
@@ -60,6 +75,8 @@ def _compiled():
     f32p, u16p, u8p = make_ptr(types.float32), make_ptr(types.uint16), make_ptr(types.uint8)
 
     prefetch_row = _prefetch_row()  # prefetcht1 (L2) of every line of a row: see sparsewise._intrinsics
+    use_dp = DP_POOL and _dp_available()  # read once: the bag intrinsics below are built with it
+    t0_bytes = BAG_T0_BYTES
 
     f32 = ir.FloatType()
     v16f = ir.VectorType(f32, 16)
@@ -96,7 +113,7 @@ def _compiled():
                     return builder.shuffle_vector(v, ir.Constant(v16f, ir.Undefined), zero16)
 
                 def prefetch(addr):
-                    emit_prefetch_l2(builder, addr)
+                    emit_prefetch_l2(builder, addr, 3 if nbytes < t0_bytes else 2)
 
                 # bf16: a pair of 16-column vectors is one 64 B load of 16 words, whose low halves
                 # (columns 0, 2, .., 30) and high halves (1, 3, .., 31) become fp32 by a shift and
@@ -129,7 +146,17 @@ def _compiled():
                     else:
                         builder.store(builder.call(fma, [v, scale, builder.load(acc)]), acc)
 
-                def rows(s_, e_, weighted):
+                dp = None
+                if kind == 1 and pairs and use_dp:
+                    from .._intrinsics import bfloat_type
+
+                    v32bf = ir.VectorType(bfloat_type(), 32)
+                    dp = cgutils.get_or_insert_function(
+                        builder.module, ir.FunctionType(v16f, [v16f, v32bf, v32bf]), "llvm.x86.avx512bf16.dpbf16ps.512")
+                    # bf16 pairs (1, 0) and (0, 1): acc_lo += x.lo * 1 + x.hi * 0, acc_hi likewise
+                    ones = [builder.bitcast(ir.Constant(v16i, [c] * 16), v32bf) for c in (0x3F80, 0x3F800000)]
+
+                def rows(s_, e_, weighted, exact=True):
                     with cgutils.for_range_slice(builder, s_, e_, ir.Constant(i64, 1), inc=True) as (j, _):
                         jp = builder.add(j, pfd_)
                         with builder.if_then(builder.icmp_signed("<", jp, pfe_), likely=True):
@@ -152,6 +179,11 @@ def _compiled():
                         for p in range(pairs):
                             addr = builder.add(col, ir.Constant(i64, 64 * p))
                             x = builder.load(builder.inttoptr(addr, v16i.as_pointer()), align=4)
+                            if not exact:
+                                xb = builder.bitcast(x, ones[0].type)
+                                for acc, one in ((acc_lo[p], ones[0]), (acc_hi[p], ones[1])):
+                                    builder.store(builder.call(dp, [builder.load(acc), xb, one]), acc)
+                                continue
                             accumulate(acc_lo[p], builder.bitcast(builder.shl(x, sixteen), v16f), sc)
                             accumulate(acc_hi[p], builder.bitcast(builder.and_(x, himask), v16f), sc)
                         for k in singles:
@@ -180,10 +212,29 @@ def _compiled():
                     with cgutils.for_range_slice(builder, i0_, i1_, ir.Constant(i64, 1), inc=True) as (i, _):
                         s_ = builder.load(builder.gep(odata, [i]))
                         e_ = builder.load(builder.gep(odata, [builder.add(i, ir.Constant(i64, 1))]))
-                        for acc in acc_lo + acc_hi + list(accs.values()):
-                            builder.store(zeros, acc)
-                        builder.store(ir.Constant(f32, 0.0), bsum)
-                        rows(s_, e_, weighted)
+                        def clear():
+                            for acc in acc_lo + acc_hi + list(accs.values()):
+                                builder.store(zeros, acc)
+                            builder.store(ir.Constant(f32, 0.0), bsum)
+
+                        clear()
+                        if dp is None or weighted:
+                            rows(s_, e_, weighted)
+                        else:
+                            # vdpbf16ps: 1 instruction per 16 columns instead of shift/mask + add; it
+                            # flushes denormals and turns an inf in the other half into NaN (inf * 0),
+                            # so a bag whose sums hold a NaN is pooled again the exact way
+                            rows(s_, e_, weighted, exact=False)
+                            nan = None
+                            for acc in acc_lo + acc_hi:
+                                a = builder.load(acc)
+                                u = builder.fcmp_unordered("uno", a, a)
+                                nan = u if nan is None else builder.or_(nan, u)
+                            i16 = ir.IntType(16)
+                            bad = builder.icmp_unsigned("!=", builder.bitcast(nan, i16), ir.Constant(i16, 0))
+                            with builder.if_then(bad, likely=False):
+                                clear()
+                                rows(s_, e_, weighted)
                         n = builder.sitofp(builder.sub(e_, s_), f32)
                         inv = builder.select(builder.fcmp_ordered(">", n, ir.Constant(f32, 0.0)),
                                              builder.fdiv(ir.Constant(f32, 1.0), n), ir.Constant(f32, 1.0))
