@@ -46,9 +46,9 @@ STATUS = [
      "Fashion-MNIST within 0.3 points of dense after fine-tuning"),
     ("Embedding engine: jagged lookups, quantized rows, fused optimizer, DLRM (sparsewise.embedding)",
      "works on CPU; lookups 1.65-1.86x / 2.52-3.45x / 2.81-4.23x nn.EmbeddingBag (fp32 / bf16 / int8), training 15.6-16.1x torch / "
-     "2.3-2.5x FBGEMM (targets 20x / 3x not met); second host's last run: lookups 1.18x / 1.76x / 2.23x (in-run "
-     "readers without arithmetic 0.91x / 2.24x / 2.90x; bf16's 2.75x at its best prefetch), training 17.72x torch, "
-     "1.24x FBGEMM (ceiling 2.2x; 20.69x / 1.45x the run before, step at 69% of its floor); "
+     "2.3-2.5x FBGEMM (targets 20x / 3x not met); second host's last run: lookups 1.04x / 1.82x / 2.27x (in-run "
+     "readers without arithmetic 0.97x / 2.26x / 2.71x; bf16's 2.75x at its best prefetch), training 16.76x torch, "
+     "1.51x FBGEMM (ceiling 2.41x; 20.69x / 1.45x in 27h, step at 69% of its floor); "
      "tables larger than RAM, sharding not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)",
      "works on CPU (training and inference), on CUDA through torch ops; experts pruned by prune_; decode 2.2-3.3x "
