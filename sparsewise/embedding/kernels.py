@@ -31,6 +31,7 @@ from .._intrinsics import emit_prefetch_l2, lane_sums, prefetch_row as _prefetch
 __all__ = ["pooled_forward", "pooled_forward_dedup", "check_ids", "sort_by_row", "fused_update", "all_finite", "DTYPE_CODES", "POOL_CODES"]
 
 DTYPE_CODES = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3}
+POOL_CODES = {"sum": 0, "mean": 1, "max": 2}
 
 # unweighted bf16 bags sum with vdpbf16ps where the CPU has AVX-512 BF16 (read when the kernels
 # compile): one instruction per 16 columns instead of shift/mask + add, 2-5% faster on 256 B rows
@@ -46,7 +47,6 @@ def _dp_available() -> bool:
     from ..moe.kernels import dp_available
 
     return dp_available()
-POOL_CODES = {"sum": 0, "mean": 1, "max": 2}
 
 
 @functools.lru_cache(maxsize=None)
