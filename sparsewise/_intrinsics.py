@@ -3,7 +3,27 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["emit_prefetch_l2", "lane_sums", "prefetch_l2", "prefetch_row", "bfloat_type"]
+__all__ = ["cpu_flags", "bf16_dot_available", "emit_prefetch_l2", "lane_sums", "prefetch_l2", "prefetch_row",
+           "bfloat_type"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """The CPU feature flags of this machine (from /proc/cpuinfo; empty if unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_dot_available() -> bool:
+    """True when the CPU runs ``vdpbf16ps`` on 512-bit vectors (AVX-512 BF16 and BW): the 2:4, MoE
+    and embedding kernels' bf16 paths."""
+    return {"avx512bw", "avx512_bf16"} <= cpu_flags()
 
 
 def emit_prefetch_l2(builder, addr, locality: int = 2) -> None:

@@ -26,7 +26,7 @@ import functools
 
 import numpy as np
 
-from .._intrinsics import emit_prefetch_l2, lane_sums, prefetch_row as _prefetch_row
+from .._intrinsics import bf16_dot_available, emit_prefetch_l2, lane_sums, prefetch_row as _prefetch_row
 
 __all__ = ["pooled_forward", "pooled_forward_dedup", "check_ids", "sort_by_row", "fused_update", "all_finite", "DTYPE_CODES", "POOL_CODES"]
 
@@ -41,12 +41,6 @@ DP_POOL = True
 # bag passes reading fewer bytes a row than this prefetch into L1 (prefetcht0), others into L2 (t1):
 # on 256 B bf16 rows t0 was 3-6% faster (sessions 26 and 28); t0 was measured on shorter rows only
 BAG_T0_BYTES = 512
-
-
-def _dp_available() -> bool:
-    from ..moe.kernels import dp_available
-
-    return dp_available()
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +69,7 @@ def _compiled():
     f32p, u16p, u8p = make_ptr(types.float32), make_ptr(types.uint16), make_ptr(types.uint8)
 
     prefetch_row = _prefetch_row()  # prefetcht1 (L2) of every line of a row: see sparsewise._intrinsics
-    use_dp = DP_POOL and _dp_available()  # read once: the bag intrinsics below are built with it
+    use_dp = DP_POOL and bf16_dot_available()  # read once: the bag intrinsics below are built with it
     t0_bytes = BAG_T0_BYTES
 
     f32 = ir.FloatType()
@@ -112,14 +106,12 @@ def _compiled():
                     v = builder.insert_element(ir.Constant(v16f, ir.Undefined), x, ir.Constant(i32, 0))
                     return builder.shuffle_vector(v, ir.Constant(v16f, ir.Undefined), zero16)
 
-                def prefetch(addr):
-                    emit_prefetch_l2(builder, addr, 3 if nbytes < t0_bytes else 2)
-
                 # bf16: a pair of 16-column vectors is one 64 B load of 16 words, whose low halves
                 # (columns 0, 2, .., 30) and high halves (1, 3, .., 31) become fp32 by a shift and
                 # a mask; they are summed apart and interleaved once per bag. Half the instructions
                 # per row of widening each half: the out-of-order window then holds more rows'
-                # misses (measured: 80% -> 100% of the gather limit). Other kinds: a vector per 16.
+                # misses (measured: 80% -> 100% of the gather limit). Unweighted bags with
+                # vdpbf16ps (DP_POOL) skip the shift and mask: see rows(). Other kinds: a vector per 16.
                 pairs = nv // 2 if kind == 1 else 0
                 singles = list(range(2 * pairs, nv))
                 zeros = ir.Constant(v16f, [0.0] * 16)
@@ -129,6 +121,11 @@ def _compiled():
                 hasw = builder.icmp_unsigned("!=", hasw_, ir.Constant(hasw_.type, 0))
                 mean = builder.icmp_unsigned("!=", mean_, ir.Constant(mean_.type, 0))
                 nbytes = 16 * nv * esize
+                hint = 3 if nbytes < t0_bytes else 2  # prefetcht0 / prefetcht1
+
+                def prefetch(addr):
+                    emit_prefetch_l2(builder, addr, hint)
+
                 v16i = ir.VectorType(i32, 16)
                 sixteen = ir.Constant(v16i, [16] * 16)
                 himask = ir.Constant(v16i, [-65536] * 16)
@@ -208,15 +205,15 @@ def _compiled():
                     v = builder.select(mean, builder.fmul(acc, splat(inv)), acc)
                     builder.store(v, builder.inttoptr(addr, v16f.as_pointer()), align=4)
 
+                def clear():
+                    for acc in acc_lo + acc_hi + list(accs.values()):
+                        builder.store(zeros, acc)
+                    builder.store(ir.Constant(f32, 0.0), bsum)
+
                 def bags(weighted):
                     with cgutils.for_range_slice(builder, i0_, i1_, ir.Constant(i64, 1), inc=True) as (i, _):
                         s_ = builder.load(builder.gep(odata, [i]))
                         e_ = builder.load(builder.gep(odata, [builder.add(i, ir.Constant(i64, 1))]))
-                        def clear():
-                            for acc in acc_lo + acc_hi + list(accs.values()):
-                                builder.store(zeros, acc)
-                            builder.store(ir.Constant(f32, 0.0), bsum)
-
                         clear()
                         if dp is None or weighted:
                             rows(s_, e_, weighted)

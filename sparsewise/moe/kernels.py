@@ -164,9 +164,9 @@ def _compiled():
 
 def dp_available() -> bool:
     """True when bf16 weights can take the vdpbf16ps kernel (AVX-512 BF16)."""
-    from ..nm.kernels import cpu_flags
+    from .._intrinsics import bf16_dot_available
 
-    return {"avx512bw", "avx512_bf16"} <= cpu_flags()
+    return bf16_dot_available()
 
 
 def dp_kernel_applies(w: torch.Tensor) -> bool:

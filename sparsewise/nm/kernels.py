@@ -28,6 +28,8 @@ import functools
 import numpy as np
 import torch
 
+from .._intrinsics import bf16_dot_available, cpu_flags
+
 # Bump on any change to the kernels' speed: SparseLinear's dispatch crossovers cached on disk are
 # keyed by it (sparsewise.nm.linear), so they are measured again. 2: lane sums in vector ops and
 # the vpmultishiftqb decode (this was 1 implicitly); 3: L2 prefetch of the next rows when short;
@@ -45,19 +47,6 @@ __all__ = ["KERNELS_VERSION", "cpu_flags", "avx512_available", "nm24_supported",
            "reference_matmul", "decompress_24"]
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """The CPU feature flags of this machine (from /proc/cpuinfo; empty if unreadable)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def avx512_available() -> bool:
     """True when the CPU has AVX-512F (the 2:4 permute kernel needs it)."""
     return "avx512f" in cpu_flags()
@@ -70,7 +59,7 @@ def nm24_supported(n: int, m: int, k: int) -> bool:
 
 
 def _dp_supported(values: torch.Tensor, k: int) -> bool:
-    return values.dtype == torch.bfloat16 and {"avx512bw", "avx512_bf16"} <= cpu_flags()
+    return values.dtype == torch.bfloat16 and bf16_dot_available()
 
 
 @functools.lru_cache(maxsize=None)
