@@ -46,7 +46,7 @@ def make(n, m, b, o, k, dtype, seed):
 def assert_matches_reference(y, x, nmt, kernel=None):
     # the "dp" kernel multiplies bf16 x (as dense bf16 layers do): compare on the rounded input
     used = kernel or available_kernels(nmt)[0]
-    ref = reference_matmul(x.to(torch.bfloat16) if used == "dp" else x, nmt)
+    ref = reference_matmul(x.to(torch.bfloat16) if used in ("dp", "dprows") else x, nmt)
     assert y.dtype == torch.float32
     assert tuple(y.shape) == (x.shape[0], nmt.shape[0])
     k = nmt.shape[1]
@@ -88,7 +88,7 @@ def test_fast_24_kernels_match_reference_and_generic(case):
     for kernel in kernels:
         y = nm_matmul(x, nmt, kernel=kernel)
         assert_matches_reference(y, x, nmt, kernel)
-        xin = x.to(torch.bfloat16) if kernel == "dp" else x
+        xin = x.to(torch.bfloat16) if kernel in ("dp", "dprows") else x
         torch.testing.assert_close(y, nm_matmul(xin, nmt, kernel="generic"), rtol=1e-4, atol=1e-4 * math.sqrt(k))
 
 
@@ -101,10 +101,11 @@ def test_unusable_kernel_is_refused():
         nm_matmul(torch.randn(2, 36), NMTensor.from_dense(torch.randn(3, 36), 2, 4), kernel="dp")  # fp32 values
 
 
-@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512), pytest.param("dp", marks=needs_dp)])
+@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512), pytest.param("dp", marks=needs_dp),
+                                    pytest.param("dprows", marks=needs_dp)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_hot_inputs_pick_exact_columns(kernel, dtype):
-    if kernel == "dp" and dtype != torch.bfloat16:
+    if kernel in ("dp", "dprows") and dtype != torch.bfloat16:
         pytest.skip("the dp kernel takes bf16 weights")
     # x = identity: row j of the output is column j of the pruned weight, exactly
     k, o = 64, 9
@@ -163,13 +164,15 @@ def test_integer_valued_inputs_are_exact(kernel):
     assert np.isfinite(nm_matmul(x, nmt, kernel=kernel).numpy()).all()
 
 
-@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512), pytest.param("dp", marks=needs_dp)])
+@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512), pytest.param("dp", marks=needs_dp),
+                                    pytest.param("dprows", marks=needs_dp)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [96, 100])
 def test_every_batch_tail_1_to_17(kernel, dtype, k):
     # the 2:4 kernels walk the batch in chunks of 4, 2, 1 and the rows in groups of 4 (7 rows: a
-    # leftover group), and K=100 leaves a scalar tail after the last whole block
-    if kernel == "dp" and dtype != torch.bfloat16:
+    # leftover group), and K=100 leaves a scalar tail after the last whole block ("dprows": batch
+    # in passes of 8, 4, 2, 1; 7 rows of a 16-row panel; 24 / 25 groups, 8 / 9 after the last 16)
+    if kernel in ("dp", "dprows") and dtype != torch.bfloat16:
         pytest.skip("the dp kernel takes bf16 weights")
     gen = torch.Generator().manual_seed(3)
     nmt = NMTensor.from_dense(torch.randn(7, k, generator=gen).to(dtype), 2, 4)
@@ -251,3 +254,40 @@ def test_row_tiles_match_reference(tiled_kernels, kernel, b):
     par(kernels._as_kernel_values(nmt.values), nmt.indices.numpy().reshape(-1), xv, xt, y.numpy().reshape(-1),
         o, k, b, bias.numpy())
     assert_matches_reference(y - bias, x, nmt, kernel)
+
+
+@needs_dp
+@pytest.mark.parametrize("b", [1, 12, 13, 31])
+def test_dprows_panels_chunks_and_tails(b):
+    # "dprows" built with 32-group K chunks: 3 panels of 16 rows (the last one with 5), K chunks of
+    # 32 + 32 + 7 groups (each chunk's 16-group blocks, then scalar groups), the next chunk asked
+    # for across panels; bias added once; every output written
+    from sparsewise.nm import dprows, kernels
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dprows, "CHUNK", 32)
+        par, ser = dprows.compiled.__wrapped__()
+    gen = torch.Generator().manual_seed(b)
+    o, k = 37, 4 * 71
+    nmt = NMTensor.from_dense(torch.randn(o, k, generator=gen).to(torch.bfloat16), 2, 4)
+    x = torch.randn(b, k, generator=gen)
+    bias = torch.randn(o, generator=gen)
+    xv = x.to(torch.bfloat16).view(torch.int16).numpy().reshape(-1)
+    for kern in (par, ser):
+        y = torch.full((b, o), float("nan"))
+        kern(kernels._as_kernel_values(nmt.values), nmt.indices.numpy().reshape(-1), xv, y.numpy().reshape(-1),
+             o, k, b, bias.numpy())
+        assert_matches_reference(y - bias, x, nmt, "dprows")
+
+
+@needs_dp
+def test_default_kernel_follows_batch():
+    # bf16 2:4: "dp" below ROWS_MIN_BATCH, "dprows" from it; both as the forced kernel gives
+    from sparsewise.nm import kernels
+
+    gen = torch.Generator().manual_seed(9)
+    nmt = NMTensor.from_dense(torch.randn(20, 128, generator=gen).to(torch.bfloat16), 2, 4)
+    for b in (1, kernels.ROWS_MIN_BATCH - 1, kernels.ROWS_MIN_BATCH, 40):
+        x = torch.randn(b, 128, generator=gen)
+        want = "dprows" if b >= kernels.ROWS_MIN_BATCH else "dp"
+        assert torch.equal(nm_matmul(x, nmt), nm_matmul(x, nmt, kernel=want))
