@@ -24,7 +24,7 @@ import functools
 
 # groups of 4 inputs per K chunk: the panel's chunk of pairs and controls (2 x 8 KB) and 8 batch
 # rows' inputs (8 x 1 KB) sit in L1. Measured (Zen 5, 4096x4096 / 4096x11008 bf16, batch 8 and
-# 32, paired): 64 and 256 were 0-8% slower, asking for 2 chunks ahead 3-13% slower than 1.
+# 32, one process): 64 and 256 were 0.5-25% slower, asking for 2 chunks ahead 2-14% slower than 1.
 CHUNK = 128
 # output rows per panel: one fp32 lane per row
 PANEL = 16
@@ -57,7 +57,7 @@ def compiled():
     prefetch_row = _prefetch_row()
     f32, i8, i32, i64 = ir.FloatType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
     v16f, v16i, v8q, v64b = ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(i64, 8), ir.VectorType(i8, 64)
-    v2i, v32bf = ir.VectorType(i32, 2), ir.VectorType(bfloat_type(), 32)
+    v32bf = ir.VectorType(bfloat_type(), 32)
     lut_values = _lut()
 
     def c64(v):
