@@ -1,4 +1,4 @@
-"""CPU N:M kernels (AVX-512 2:4 "perm" and "dp" kernels, generic numba kernel) vs the torch oracle."""
+"""CPU N:M kernels (AVX-512 2:4 "perm", "dp" and "dprows" kernels, generic numba kernel) vs the torch oracle."""
 import math
 
 import numpy as np

@@ -558,7 +558,7 @@ def _select(nmt, kernel: str | None):
         from .dprows import compiled as rows_compiled
 
         par, ser = rows_compiled()
-        return (ser if nmt.nbytes < _SERIAL_BYTES else par), (vals, idx), (), -1, torch.bfloat16
+        return (ser if nmt.nbytes < _SERIAL_BYTES else par), (vals, idx), (), 0, torch.bfloat16
     par, ser = kernels[kernel]
     kern = ser if nmt.nbytes < _SERIAL_BYTES else par
     return kern, (vals, idx), (), (64 if kernel == "dp" else 32), (torch.bfloat16 if kernel == "dp" else torch.float32)
@@ -597,12 +597,9 @@ def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, kerne
     else:
         kern, (vals, idx), extra, blk, xdtype = _select(nmt, kernel)
     bias_arg = _NO_BIAS if bias is None else bias.numpy()
-    if blk < 0:  # "dprows": bf16 row-major x, any K % 4 == 0
-        xv = x2d.to(torch.bfloat16).contiguous().view(torch.int16).numpy().reshape(-1)
-        kern(vals, idx, xv, y.numpy().reshape(-1), o, k, b, bias_arg)
-        return y
-    if not blk:  # generic kernel: fp32 row-major x
-        xv = x2d.to(torch.float32).contiguous().numpy().reshape(-1)
+    if not blk:  # row-major x: fp32 for "generic", bf16 bits for "dprows"
+        xr = x2d.to(xdtype).contiguous()
+        xv = (xr.view(torch.int16) if xdtype == torch.bfloat16 else xr).numpy().reshape(-1)
         kern(vals, idx, xv, y.numpy().reshape(-1), o, k, b, bias_arg, *extra)
         return y
     kmain = k // blk * blk
