@@ -22,8 +22,8 @@ Kernels (each checked against the pure-torch ``reference_matmul`` in the tests):
 - 2:4, "dprows" (AVX512_BF16, bf16 values, any K % 4 == 0; dprows.py): lanes are 16 output rows,
   one in-lane byte shuffle of 4 broadcast inputs and one ``vdpbf16ps`` per group and batch row;
   the default for bf16 2:4 weights from batch ``ROWS_MIN_BATCH`` (measured on Zen 5, bf16
-  Llama-2 / SmolLM2 shapes, one process: at batch 12-32 0.96-1.47x "dp", at 256 1.13-1.33x, at
-  batch 4-8 0.7-1.0x).
+  Llama-2 / SmolLM2 shapes, one process: at batch 12-32 0.96-1.59x "dp", at 256 1.13-1.33x
+  (Llama-2), at batch 4-8 0.71-1.27x).
 - generic: any N:M, any K, scalar numba; the fallback and the non-2:4 path.
 """
 from __future__ import annotations
