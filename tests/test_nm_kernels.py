@@ -281,13 +281,26 @@ def test_dprows_panels_chunks_and_tails(b):
 
 
 @needs_dp
-def test_default_kernel_follows_batch():
-    # bf16 2:4: "dp" below ROWS_MIN_BATCH, "dprows" from it; both as the forced kernel gives
+def test_default_kernel_follows_batch_and_shape(monkeypatch):
+    # bf16 2:4: "dp" below rows_min_batch, "dprows" from it (ROWS_MIN_BATCH for small or tall
+    # weights, ROWS_MIN_BATCH_WIDE for large ones with in >= out); each default gives what the
+    # forced kernel gives
     from sparsewise.nm import kernels
 
     gen = torch.Generator().manual_seed(9)
-    nmt = NMTensor.from_dense(torch.randn(20, 128, generator=gen).to(torch.bfloat16), 2, 4)
-    for b in (1, kernels.ROWS_MIN_BATCH - 1, kernels.ROWS_MIN_BATCH, 40):
-        x = torch.randn(b, 128, generator=gen)
-        want = "dprows" if b >= kernels.ROWS_MIN_BATCH else "dp"
-        assert torch.equal(nm_matmul(x, nmt), nm_matmul(x, nmt, kernel=want))
+    tall = NMTensor.from_dense(torch.randn(136, 64, generator=gen).to(torch.bfloat16), 2, 4)
+    wide = NMTensor.from_dense(torch.randn(20, 256, generator=gen).to(torch.bfloat16), 2, 4)
+    # the size threshold shrunk so that a test-sized weight counts as large
+    monkeypatch.setattr(kernels, "_ROWS_WIDE_MIN_BYTES", min(tall.nbytes, wide.nbytes))
+    assert kernels.rows_min_batch(tall) == kernels.ROWS_MIN_BATCH
+    assert kernels.rows_min_batch(wide) == kernels.ROWS_MIN_BATCH_WIDE
+    monkeypatch.setattr(kernels, "_ROWS_WIDE_MIN_BYTES", max(tall.nbytes, wide.nbytes) + 1)
+    assert kernels.rows_min_batch(wide) == kernels.ROWS_MIN_BATCH
+    monkeypatch.setattr(kernels, "_ROWS_WIDE_MIN_BYTES", min(tall.nbytes, wide.nbytes))
+    for nmt in (tall, wide):
+        first = kernels.rows_min_batch(nmt)
+        for b in (1, first - 1, first, 40):
+            x = torch.randn(b, nmt.shape[1], generator=gen)
+            want = "dprows" if b >= first else "dp"
+            assert kernels._kernel_args(nmt, b) is nmt._kernel_args[2][want]
+            assert torch.equal(nm_matmul(x, nmt), nm_matmul(x, nmt, kernel=want))

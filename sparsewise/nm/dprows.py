@@ -96,26 +96,35 @@ def compiled():
             vp, mp = builder.gep(data(0), [voff_]), builder.gep(data(1), [moff_])
             permd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i]),
                                                    "llvm.x86.avx512.permvar.si.512")
-            # the 8 index bytes broadcast as 64-bit words: 32-bit lane d holds the low (d even) or
-            # high (d odd) half, shifted by 4*(d//2): lane d gets group (d & 1)*8 + d//2
-            shifts, fifteen, lut = lanes([4 * (d // 2) for d in range(16)]), lanes([15] * 16), lanes(lut_values)
+            lut = lanes(lut_values)
             last = builder.sub(nrows_, c64(1))
             rows = [builder.select(builder.icmp_signed("<", c64(r), nrows_), c64(r), last) if r else c64(0)
                     for r in range(16)]
-            # the pairs, then the controls (one 16-register transpose at a time)
+            # the pairs: one 16 x 16 transpose
             wrows = [builder.load(builder.bitcast(builder.gep(vp, [builder.mul(rr, vrow_)]), v16i.as_pointer()), align=2)
                      for rr in rows]
             wbase, cbase = builder.gep(data(7), [toff_]), builder.gep(data(8), [toff_])
             for d, v in enumerate(transpose16(builder, wrows)):
                 builder.store(v, builder.bitcast(builder.gep(wbase, [c64(16 * d)]), v16i.as_pointer()), align=4)
-            crows = []
-            for rr in rows:
-                q = builder.load(builder.bitcast(builder.gep(mp, [builder.mul(rr, mrow_)]), i64.as_pointer()), align=1)
-                q = builder.insert_element(ir.Constant(v8q, ir.Undefined), q, ir.Constant(i32, 0))
-                words = builder.bitcast(builder.shuffle_vector(q, ir.Constant(v8q, ir.Undefined), lanes([0] * 8)), v16i)
-                crows.append(builder.call(permd, [lut, builder.and_(builder.lshr(words, shifts), fifteen)]))
-            for d, v in enumerate(transpose16(builder, crows)):
-                k = (d & 1) * 8 + d // 2
+            # the controls: the 16 rows' 8 index bytes as two 64-byte vectors (row r at bytes
+            # 8r..8r+7 of the pair), and the same shifted right by 4 (odd groups' codes in the low
+            # nibble). Group k's 16 codes go to byte 0 of each 32-bit lane with one two-source byte
+            # shuffle (vpermi2b), then the table lookup (vpermd reads only the low 4 bits of a lane)
+            qs = [builder.load(builder.bitcast(builder.gep(mp, [builder.mul(rr, mrow_)]), i64.as_pointer()), align=1)
+                  for rr in rows]
+            halves = []
+            for h in range(2):
+                v = ir.Constant(v8q, ir.Undefined)
+                for i in range(8):
+                    v = builder.insert_element(v, qs[8 * h + i], ir.Constant(i32, i))
+                halves.append(v)
+            four = ir.Constant(v8q, [4] * 8)
+            srcs = [[builder.bitcast(v, v64b) for v in halves],
+                    [builder.bitcast(builder.lshr(v, four), v64b) for v in halves]]
+            for k in range(16):
+                lo, hi = srcs[k & 1]
+                picked = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 64), [8 * (n // 4) + k // 2 for n in range(64)]))
+                v = builder.call(permd, [lut, builder.bitcast(picked, v16i)])
                 builder.store(v, builder.bitcast(builder.gep(cbase, [c64(16 * k)]), v16i.as_pointer()), align=4)
             return context.get_dummy_value()
 

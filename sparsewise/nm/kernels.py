@@ -21,9 +21,10 @@ Kernels (each checked against the pure-torch ``reference_matmul`` in the tests):
   Written as LLVM IR through numba intrinsics: numba cannot express the permutes.
 - 2:4, "dprows" (AVX512_BF16, bf16 values, any K % 4 == 0; dprows.py): lanes are 16 output rows,
   one in-lane byte shuffle of 4 broadcast inputs and one ``vdpbf16ps`` per group and batch row;
-  the default for bf16 2:4 weights from batch ``ROWS_MIN_BATCH`` (measured on Zen 5, bf16
-  Llama-2 / SmolLM2 shapes, one process: at batch 12-32 0.96-1.59x "dp", at 256 1.13-1.33x
-  (Llama-2), at batch 4-8 0.71-1.27x).
+  the default for bf16 2:4 weights from batch ``rows_min_batch(weight)``: 4 for large weights
+  with in >= out, 16 otherwise (measured on Zen 5 with cold weights, one process: at batch 4-12
+  0.97-1.29x "dp" on wide/square layers >= 2 MB, 0.79-1.08x on tall or small ones; warm, at batch
+  32 1.17-1.40x, at 256 1.13-1.33x on the Llama-2 shapes).
 - generic: any N:M, any K, scalar numba; the fallback and the non-2:4 path.
 """
 from __future__ import annotations
@@ -40,8 +41,8 @@ from .._intrinsics import bf16_dot_available, cpu_flags
 # the vpmultishiftqb decode (this was 1 implicitly); 3: L2 prefetch of the next rows when short;
 # 4: row tiles with K chunks at batch >= 8, padded block-major x; 5: 4x4 tiles from batch 12;
 # 6: 2x8 tiles ask for the next tile in address order; 7: "dprows" (dprows.py) for bf16 2:4 from
-# batch ROWS_MIN_BATCH.
-KERNELS_VERSION = 7
+# batch ROWS_MIN_BATCH; 8: dprows' controls by byte shuffles, its default batch by shape.
+KERNELS_VERSION = 8
 # row tiles for large layers at batch >= 8 (make_driver): output rows per tile, 64-input blocks
 # per K chunk (bf16: 8 batch rows x 32 blocks of x = 32 KB, inside L1), row-steps of prefetch
 # distance, and the weight bytes above which tiles are used (under it the rows sit in cache)
@@ -508,8 +509,15 @@ def _as_kernel_values(values: torch.Tensor) -> np.ndarray:
     raise TypeError(f"CPU N:M kernels take float32 or bfloat16 values, got {values.dtype}")
 
 
-# bf16 2:4 weights from this batch run "dprows" (dprows.py) by default, below it "dp"
-ROWS_MIN_BATCH = 12
+# bf16 2:4 weights run "dprows" (dprows.py) by default from batch ROWS_MIN_BATCH, and large
+# (>= _ROWS_WIDE_MIN_BYTES packed, streamed from DRAM) wide or square ones (in >= out) from
+# ROWS_MIN_BATCH_WIDE; "dp" below. Measured on Zen 5 with cold weights (copies cycled past the L3),
+# one process, "dp" time / "dprows" time at batch 4-12: wide/square >= 2 MB 0.97-1.29 (Llama-2,
+# TinyLlama, 1024x4096 shapes), tall (out > in) 0.91-1.08 (11008x4096, 5632x2048, 8192x4096),
+# small 0.79-0.96 at batch 4-8 (576x576, 1024x1024, 1536x576); at batch 2 0.89-1.05.
+ROWS_MIN_BATCH = 16
+ROWS_MIN_BATCH_WIDE = 4
+_ROWS_WIDE_MIN_BYTES = 2 << 20
 _SERIAL_BYTES = 256 << 10  # below this many weight bytes one thread beats a parallel launch
 _NO_BIAS = np.zeros(0, np.float32)
 
@@ -522,16 +530,24 @@ def _kernel_args(nmt, batch: int):
         usable = available_kernels(nmt)
         nmt._kernel_args = cache = (nmt.values, usable, {})
     usable, picked = cache[1], cache[2]
-    name = "dprows" if batch >= ROWS_MIN_BATCH and "dprows" in usable else usable[0]
+    name = "dprows" if "dprows" in usable and batch >= rows_min_batch(nmt) else usable[0]
     args = picked.get(name)
     if args is None:
         picked[name] = args = _select(nmt, name)
     return args
 
 
+def rows_min_batch(nmt) -> int:
+    """The batch from which "dprows" is the default kernel for this bf16 2:4 weight:
+    ``ROWS_MIN_BATCH_WIDE`` for large weights with in_features >= out_features, else
+    ``ROWS_MIN_BATCH``."""
+    o, k = nmt.shape
+    return ROWS_MIN_BATCH_WIDE if k >= o and nmt.nbytes >= _ROWS_WIDE_MIN_BYTES else ROWS_MIN_BATCH
+
+
 def available_kernels(nmt) -> list[str]:
     """Kernels that can run this weight on this CPU. The default is the first below batch
-    ``ROWS_MIN_BATCH`` and "dprows" (bf16 2:4 weights) from it."""
+    :func:`rows_min_batch` and "dprows" (bf16 2:4 weights) from it."""
     out = []
     if _dp_supported(nmt.values, nmt.shape[1]) and (nmt.n, nmt.m) == (2, 4):
         out += ["dp", "dprows"]
