@@ -259,13 +259,15 @@ def test_row_tiles_match_reference(tiled_kernels, kernel, b):
 @needs_dp
 @pytest.mark.parametrize("b", [1, 12, 13, 31])
 def test_dprows_panels_chunks_and_tails(b):
-    # "dprows" built with 32-group K chunks: 3 panels of 16 rows (the last one with 5), K chunks of
-    # 32 + 32 + 7 groups (each chunk's 16-group blocks, then scalar groups), the next chunk asked
-    # for across panels; bias added once; every output written
+    # "dprows" built with 32-group K chunks run in 16-group slices: 3 panels of 16 rows (the last
+    # one with 5), K chunks of 32 + 32 + 7 groups (each chunk's 16-group blocks, then scalar
+    # groups), slices of 16 + 16 and 7, the next chunk asked for across panels; bias added once;
+    # every output written
     from sparsewise.nm import dprows, kernels
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dprows, "CHUNK", 32)
+        mp.setattr(dprows, "SUB", 16)
         par, ser = dprows.compiled.__wrapped__()
     gen = torch.Generator().manual_seed(b)
     o, k = 37, 4 * 71

@@ -41,7 +41,8 @@ from .._intrinsics import bf16_dot_available, cpu_flags
 # the vpmultishiftqb decode (this was 1 implicitly); 3: L2 prefetch of the next rows when short;
 # 4: row tiles with K chunks at batch >= 8, padded block-major x; 5: 4x4 tiles from batch 12;
 # 6: 2x8 tiles ask for the next tile in address order; 7: "dprows" (dprows.py) for bf16 2:4 from
-# batch ROWS_MIN_BATCH; 8: dprows' controls by byte shuffles, its default batch by shape.
+# batch ROWS_MIN_BATCH; 8: dprows' controls by byte shuffles, its next-chunk requests spread over
+# slices, its default batch by shape.
 KERNELS_VERSION = 8
 # row tiles for large layers at batch >= 8 (make_driver): output rows per tile, 64-input blocks
 # per K chunk (bf16: 8 batch rows x 32 blocks of x = 32 KB, inside L1), row-steps of prefetch
