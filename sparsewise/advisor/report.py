@@ -39,9 +39,9 @@ class Section:
 STATUS = [
     ("Foundation: package, CLI, machine probe, paired benchmark harness, this report", "works"),
     ("N:M (2:4) weights: masks, packed format, CPU kernels, SparseLinear (sparsewise.nm)",
-     "works on CPU; bf16 at batch 8-32 below target on most shapes (1.6-1.7x / 1.2-1.3x of 2.0x / 1.5x; second host's "
-     "run 27e 1.85-3.23x / 1.16-1.53x; last run, \"dprows\" kernel from batch 12: 1.65-2.54x / 1.37-1.60x, batch 32 met on "
-     "the two Llama-2 MLP shapes); CUDA path tested on an H100"),
+     "works on CPU; bf16 at batch 8-32 near target (2.0x / 1.5x; first host 1.6-1.7x / 1.2-1.3x; second host's "
+     "run 27k 1.65-2.54x / 1.37-1.60x; last run, \"dprows\" from batch 4 on large wide layers: 1.68-2.39x / "
+     "1.47-1.87x on the Llama-2 shapes, each target met on 2 of 3); CUDA path tested on an H100"),
     ("Pruning and recovery: magnitude, Wanda, SparseGPT, masked / SR-STE fine-tuning (sparsewise.nm)",
      "works, with the sparsewise prune CLI; one-shot SparseGPT 2:4 on SmolLM2-135M at 4.84x dense perplexity, "
      "Fashion-MNIST within 0.3 points of dense after fine-tuning"),
