@@ -10,9 +10,9 @@ inputs across the register (``vpermi2w``) for every row and batch row. The weigh
 shuffle control of a group are read by every batch row.
 
 Weights stay in the packed row-major layout (tensor.py): each panel turns 16 rows x 16 groups
-into group-major vectors in registers (16 x 16 32-bit transposes of the pairs and of the
-controls, ``prep16``) one K chunk at a time into a small per-thread buffer, while the next chunk's
-rows are asked for into L2. The panel's batch rows are computed 8 at a time (then 4, 2, 1), each
+into group-major vectors in registers (a 16 x 16 32-bit transpose of the pairs; the controls
+placed by byte shuffles of the index bytes, ``prep16``) one K chunk at a time into a small
+per-thread buffer, while the next chunk's rows are asked for into L2, a slice per pass slice. The panel's batch rows are computed 8 at a time (then 4, 2, 1), each
 pass over the chunk, accumulating 16 fp32 lanes per batch row in registers.
 
 Written as LLVM IR through numba intrinsics (numba cannot express the shuffles); checked against
@@ -216,8 +216,8 @@ def compiled():
                     ncn = min(chunk, G - gn) if pn < p_hi else 0
                     for s0 in range(0, nc, sub):
                         ns = min(sub, nc - s0)
-                        if s0 < ncn:
-                            nl = min(sub, ncn - s0)
+                        if s0 < ncn:  # the last slice asks for all the rest (the next chunk may be longer)
+                            nl = ncn - s0 if s0 + ns >= nc else min(sub, ncn - s0)
                             for r in range(16):
                                 o = min(pn * 16 + r, O - 1)
                                 prefetch_row(vaddr + (o * half + 2 * (gn + s0)) * 2, nl * 4)
