@@ -525,13 +525,15 @@ _NO_BIAS = np.zeros(0, np.float32)
 
 def _kernel_args(nmt, batch: int):
     # the default kernel for this batch, with numpy views sharing memory with the NMTensor
-    # (in-place updates of the values stay visible), cached per kernel on the NMTensor
+    # (in-place updates of the values stay visible), cached per kernel on the NMTensor with the
+    # usable kernels and the batch from which "dprows" is the default
     cache = nmt._kernel_args
     if cache is None or cache[0] is not nmt.values:
         usable = available_kernels(nmt)
-        nmt._kernel_args = cache = (nmt.values, usable, {})
+        first_rows = rows_min_batch(nmt) if "dprows" in usable else 1 << 62
+        nmt._kernel_args = cache = (nmt.values, usable, {}, first_rows)
     usable, picked = cache[1], cache[2]
-    name = "dprows" if "dprows" in usable and batch >= rows_min_batch(nmt) else usable[0]
+    name = "dprows" if batch >= cache[3] else usable[0]
     args = picked.get(name)
     if args is None:
         picked[name] = args = _select(nmt, name)
