@@ -315,20 +315,41 @@ def test_bf16_dp_threshold_mixes_kernel_and_grouped_gemm():
 
 
 @pytest.mark.skipif(not dp_available(), reason="needs AVX512_BF16")
-@pytest.mark.parametrize("min_rows", [1, 6, 10**9])
-def test_bf16_24_experts_mix_kernel_and_expanded_gemm(min_rows, monkeypatch):
-    # 2:4 bf16 inference: experts with at least NM_GEMM_MIN_ROWS rows are expanded to dense and
-    # run on torch's GEMM, the others in the 2:4 kernel; all, some or none expanded, odd dims
-    # (in_features 68 and 36: whole 64-input blocks plus a tail), a shared expert
-    monkeypatch.setattr(experts_mod, "NM_GEMM_MIN_ROWS", min_rows)
+@pytest.mark.parametrize("rows_min,gemm_min", [
+    (1, 10**9),      # every expert in its own "dprows" calls
+    (6, 10**9),      # the 4-row experts fused, the 9-row ones "dprows"
+    (1, 6),          # 4-row experts "dprows", 9-row ones expanded
+    (6, 6),          # 4-row fused, 9-row expanded
+    (10**9, 10**9),  # all fused
+    (None, 6),       # a CPU without "dprows": NM_GEMM_MIN_ROWS (6) expands the 9-row ones
+])
+def test_bf16_24_experts_mix_kernel_rows_and_expanded_gemm(rows_min, gemm_min, monkeypatch):
+    # 2:4 bf16 inference: experts with at least NM_ROWS_MIN_ROWS rows leave the fused 2:4 kernel
+    # for "dprows" calls of their own, and from NM_ROWS_GEMM_MIN_ROWS rows are expanded to dense
+    # for torch's GEMM; every mix, odd dims (in_features 68 and 36: whole 64-input blocks plus a
+    # tail), a shared expert (13 rows)
+    if rows_min is None:
+        monkeypatch.setattr(experts_mod.Experts, "_nm_rows_min", lambda self: None)
+        monkeypatch.setattr(experts_mod, "NM_GEMM_MIN_ROWS", gemm_min)
+    else:
+        monkeypatch.setattr(experts_mod, "NM_ROWS_MIN_ROWS", (rows_min, rows_min))
+        monkeypatch.setattr(experts_mod, "NM_ROWS_GEMM_MIN_ROWS", gemm_min)
+    calls = []
+    real = experts_mod.nm_matmul
+    monkeypatch.setattr(experts_mod, "nm_matmul", lambda *a, **k: calls.append(k["kernel"]) or real(*a, **k))
     torch.manual_seed(5)
     moe = MoE(68, 36, 5, 2, expert_weights="2:4", shared_experts=1, dtype=torch.bfloat16)
     x = _steered(moe, 9, 4, torch.bfloat16)
     with torch.no_grad():
         y = moe(x)
-        assert sorted(moe.last_plan.counts_list) == [0, 4, 4, 9, 9]
-        big = moe.experts._gemm_experts(moe.last_plan, moe.experts._nm_kernel())
-        assert big == {1: [0, 1, 2, 3], 6: [0, 1], 10**9: []}[min_rows]
+        counts = moe.last_plan.counts_list
+        assert sorted(counts) == [0, 4, 4, 9, 9]
+        limit = gemm_min if rows_min is None else rows_min
+        out = moe.experts._gemm_experts(moe.last_plan, moe.experts._nm_kernel())
+        assert out == [e for e in moe.last_plan.used_experts() if counts[e] >= limit]
+        rows = [counts[e] for e in out] + ([13] if 13 >= limit else [])  # the shared expert's too
+        per_expert = sum(1 for c in rows if rows_min is not None and c < gemm_min)
+        assert calls == ["dprows"] * (2 * per_expert)
         # the oracle's weights from torch's scatter, not from the expander under test
         def scattered(ex):
             return [torch.stack([t.scatter_dense() for t in ts]) for ts in ex.packed]
@@ -351,6 +372,7 @@ def test_inference_splits_kernel_and_gemm_experts(activation, weights, dtype, mo
         monkeypatch.setattr(experts_mod, name, {torch.float32: 5, torch.bfloat16: 5})
     monkeypatch.setattr(experts_mod, "DECODE_ROWS_DP", 5)
     monkeypatch.setattr(experts_mod, "NM_GEMM_MIN_ROWS", 6)
+    monkeypatch.setattr(experts_mod, "NM_ROWS_MIN_ROWS", (6, 6))
     torch.manual_seed(8)
     moe = MoE(68, 36, 5, 2, activation=activation, expert_weights=weights, dtype=dtype)
     x = _steered(moe, 10, 4, dtype)

@@ -14,8 +14,10 @@ Paths, chosen per call:
   the numba ``grouped_matvec``, which reads each used expert once for all its rows; experts with
   more rows take torch's GEMM (on oneDNN-prepacked weights after ``set_prepack()``).
 - inference on CPU, 2:4 weights: the 2:4 kernels (fused with gather and SwiGLU when every expert
-  stays in them); in bf16, experts with at least ``NM_GEMM_MIN_ROWS`` rows are expanded to dense
-  in a scratch matrix and take torch's GEMM (prefill), so no dense copy is kept.
+  stays in them); in bf16, experts with more rows run nm's batched "dprows" kernel one expert at
+  a time (``NM_ROWS_MIN_ROWS``), and from ``NM_ROWS_GEMM_MIN_ROWS`` rows (``NM_GEMM_MIN_ROWS`` on
+  CPUs without "dprows") are expanded to dense in a scratch matrix for torch's GEMM (prefill), so
+  no dense copy is kept.
 - otherwise: per used expert, one torch GEMM for gate+up (fused) and one for down on the
   gathered rows (autograd flows to x, the weights and the routing weights).
 """
@@ -26,12 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nm.functional import nm_linear
-from ..nm.kernels import decompress_24
+from ..nm.kernels import decompress_24, nm_matmul
 from ..nm.tensor import NMTensor
 from .kernels import ACTIVATIONS, activate, decode_swiglu, decode_swiglu_nm, dp_kernel_applies, grouped_matvec, grouped_nm_matmul
 from .routing import RoutingPlan
 
-__all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_DP", "DECODE_ROWS_PREPACKED", "NM_GEMM_MIN_ROWS", "uniform_plan"]
+__all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_DP", "DECODE_ROWS_PREPACKED", "NM_GEMM_MIN_ROWS", "NM_ROWS_GEMM_MIN_ROWS",
+           "NM_ROWS_MIN_ROWS", "uniform_plan"]
 
 # rows per expert up to which the weight-streaming kernel beat torch's GEMM on the development
 # machine, Mixtral-sized experts, interleaved pairs: fp32 vs F.linear 2.6x at 64 rows (MKL's fp32
@@ -65,6 +68,21 @@ GROUPED_MM_MAX_ROWS = 64
 # 0.84x at 64, 1.02x at 96, 1.32x at 256. fp32 stays in the kernel at every size (MKL's fp32 GEMM
 # on the AMD hosts: expand + F.linear 0.52x at 128 rows, 0.73x at 512).
 NM_GEMM_MIN_ROWS = 96
+
+# Where the CPU runs nm's "dprows" kernel (bf16 2:4, AVX512_BF16; it takes 16 weight rows per
+# register and reads each weight once for up to 8 token rows a pass), 2:4 bf16 experts with at
+# least NM_ROWS_MIN_ROWS rows (first value: experts whose packed gate_up is >= 2 MB; second: smaller
+# ones, where the per-call costs weigh more) leave the fused kernel for two "dprows" calls of their
+# own, and from NM_ROWS_GEMM_MIN_ROWS rows are expanded for torch's GEMM (NM_GEMM_MIN_ROWS is then
+# unused). Whole Experts call, every expert at R rows, 7 interleaved rounds (Zen 5, 2 threads):
+# Mixtral shape (8 x 1024 x 2816), "dprows" vs the fused kernel 0.80x at 2-6 rows, 1.06x at 8,
+# 1.24x at 12, 1.36x at 32, 1.42x at 128; vs expand + F.linear 1.44x at 128, 1.12x at 256 and 384,
+# 0.78-0.94x at 512. DeepSeek shape (64 x 1024 x 512): vs the fused kernel 0.52-0.82x at 2-16
+# rows, 0.99x at 32, 1.06x at 64, 1.37x at 128; vs expand 1.13-1.17x at 128-192, 1.02x at 256,
+# 1.15-1.25x at 320-384, 0.92x at 512.
+NM_ROWS_MIN_ROWS = (12, 48)
+NM_ROWS_GEMM_MIN_ROWS = 448
+_NM_ROWS_LARGE_BYTES = 2 << 20
 
 
 def uniform_plan(num_tokens: int, device: torch.device | str | None = None) -> RoutingPlan:
@@ -230,14 +248,25 @@ class Experts(nn.Module):
         return (DECODE_ROWS_PREPACKED if self.prepack else DECODE_ROWS)[self.gate_up.dtype]
 
     def _gemm_experts(self, plan: RoutingPlan, kernel: str | None) -> list[int]:
-        # the used experts that run on torch's GEMM in inference; the others take the kernels.
-        # dense: more rows than the streaming kernels win at; 2:4: see NM_GEMM_MIN_ROWS
+        # the used experts that leave the fused / grouped kernels in inference, one call each:
+        # dense: more rows than the streaming kernels win at (torch's GEMM); 2:4 bf16: see
+        # NM_ROWS_MIN_ROWS ("dprows", then expanded for torch's GEMM) and NM_GEMM_MIN_ROWS
         if self.packed is None:
             limit = self._decode_limit()
             return [e for e in plan.used_experts() if plan.counts_list[e] > limit]
         if kernel != "dp":
             return []
-        return [e for e in plan.used_experts() if plan.counts_list[e] >= NM_GEMM_MIN_ROWS]
+        limit = self._nm_rows_min() or NM_GEMM_MIN_ROWS
+        return [e for e in plan.used_experts() if plan.counts_list[e] >= limit]
+
+    def _nm_rows_min(self) -> int | None:
+        # rows from which a 2:4 bf16 expert runs "dprows" calls of its own (None: not on this CPU)
+        from ..nm.kernels import available_kernels
+
+        gu, dn = self.packed[0][0], self.packed[1][0]
+        if "dprows" not in available_kernels(gu) or "dprows" not in available_kernels(dn):
+            return None
+        return NM_ROWS_MIN_ROWS[0 if gu.nbytes >= _NM_ROWS_LARGE_BYTES else 1]
 
     def _infer(self, x: torch.Tensor, plan: RoutingPlan, kernel: str | None) -> torch.Tensor:
         """Inference on CPU -> (T, D) float32: the experts with few rows in one compiled call
@@ -278,13 +307,19 @@ class Experts(nn.Module):
             y = F.grouped_mm(activate(h, self.activation).contiguous(), self.down.transpose(-2, -1), offs=offs)
             return out.index_add_(0, tok, y.to(torch.float32).mul_(sw[rows].unsqueeze(1)))
         prepacked = self._prepacked() if self.prepack and self.packed is None else None
-        if self.packed is not None:  # one scratch matrix per weight shape, reused by every expert
-            w_gu = torch.empty(self.packed[0][0].shape, dtype=self.dtype)
-            w_dn = torch.empty(self.packed[1][0].shape, dtype=self.dtype)
+        expand_from = 0
+        if self.packed is not None:
+            expand_from = NM_ROWS_GEMM_MIN_ROWS if self._nm_rows_min() else 0
+            if any(plan.counts_list[e] >= expand_from for e in big):  # one scratch matrix per shape
+                w_gu = torch.empty(self.packed[0][0].shape, dtype=self.dtype)
+                w_dn = torch.empty(self.packed[1][0].shape, dtype=self.dtype)
         for e in big:
             tok = plan.token_index[off[e]:off[e + 1]]
             xe = x.index_select(0, tok)
-            if self.packed is not None:
+            if self.packed is not None and plan.counts_list[e] < expand_from:
+                h = nm_matmul(xe, self.packed[0][e], kernel="dprows")
+                y = nm_matmul(activate(h, self.activation), self.packed[1][e], kernel="dprows")
+            elif self.packed is not None:
                 h = F.linear(xe, decompress_24(self.gate_up_values[e], self.gate_up_indices[e], w_gu))
                 y = F.linear(activate(h, self.activation), decompress_24(self.down_values[e], self.down_indices[e], w_dn))
             elif prepacked is not None:
