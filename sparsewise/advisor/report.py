@@ -57,7 +57,9 @@ STATUS = [
      "decode (1.7-1.9x) and Mixtral bf16 2:4 (2.5-2.6x) below target (second host's last run: Mixtral bf16 1.63x / 1.42x dense, 2.75x / 2.27x 2:4 at 1 / 16 tokens); "
      ">= 80% of the in-run read bandwidth on 4 of 16 decode cells (dense 69-88%, 2:4 55-81%); last run (equal input "
      "chunks, paired cut rows) Mixtral fp32 16 tokens 3.69x at 75%, DeepSeek fp32 82%; "
-     "2:4 experts split over threads by work: paired 1.05-1.11x on uneven 16-token plans, 2:4 16-token cells at 32-64%"),
+     "2:4 experts split over threads by work: paired 1.05-1.11x on uneven 16-token plans, 2:4 16-token cells at 32-64%; "
+     "2:4 bf16 experts with 12-447 rows on nm's \"dprows\" kernel: 1.13-1.50x at 32-384 rows an expert, 2048-token "
+     "2:4 bf16 0.95x (Mixtral, still expanded) / 1.09x (DeepSeek)"),
     ("Advisor: project each technique on TPUs, GPUs, CPUs", "not built yet"),
 ]
 
