@@ -154,6 +154,42 @@ def test_out_of_range_ids_refused_before_any_change(bad_id):
     torch.testing.assert_close(ebc.weights()[0], before)
 
 
+@pytest.mark.parametrize("pooling, dim, dtype", [("sum", 16, "fp32"), ("mean", 32, "bf16"), ("max", 16, "fp32"),
+                                                  ("sum", 20, "int8")])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("mode", ["kernel", "auto", "dedup"])
+def test_out_of_range_ids_found_by_the_gather_in_any_block(pooling, dim, dtype, train, mode):
+    # the plain gather checks ids block by block (CHECK_BAGS bags) as it reads them: batches large
+    # enough for the parallel kernel and several blocks a chunk, bad ids in a late block of the
+    # second feature (whose table is smaller) and two bad ids: the first one is named
+    from sparsewise.embedding import kernels as K
+
+    B, L = 3000, 40  # 240k ids: parallel, past SERIAL_BYTES; 256-bag blocks
+    tabs = [TableConfig("a", 5000, dim, ("f0",), pooling=pooling, init="normal"),
+            TableConfig("b", 700, dim, ("f1",), pooling=pooling, init="normal", seed=1)]
+    opt = Adagrad(lr=0.5) if train and pooling != "max" and dtype == "fp32" else None
+    ebc = EmbeddingBagCollection(tabs, optimizer=opt, backend="auto" if mode == "auto" else "kernel",
+                                 dedup=mode == "dedup")
+    if dtype != "fp32":
+        ebc = ebc.quantize(dtype)
+    gen = torch.Generator().manual_seed(3)
+    vals = torch.cat([torch.randint(0, 5000, (B * L,), generator=gen), torch.randint(0, 700, (B * L,), generator=gen)])
+    kj = KeyedJagged(["f0", "f1"], vals, lengths=torch.full((2 * B,), L))
+    good = ebc(kj).values.detach().clone()
+    first = B * L + (K.CHECK_BAGS * 5 + 7) * L + 3  # feature f1, late in its bags
+    vals2 = vals.clone()
+    vals2[first] = 700
+    vals2[first + 4 * K.CHECK_BAGS * L] = -2
+    before = [w.clone() for w in ebc.weights()]
+    with pytest.raises(ValueError, match=rf"id 700 at values\[{first}\] \(feature 'f1'\).*700 rows"):
+        out = ebc(KeyedJagged(["f0", "f1"], vals2, lengths=torch.full((2 * B,), L)))
+        if opt is not None:
+            out.values.sum().backward()
+    for w, b in zip(ebc.weights(), before):
+        assert torch.equal(w, b)
+    torch.testing.assert_close(ebc(kj).values.detach(), good)  # and it still works
+
+
 @pytest.mark.parametrize("kj, match", [
     (KeyedJagged(["t"], torch.tensor([1.0, 2.0]), lengths=torch.tensor([2])), "int64 or int32"),
     (KeyedJagged(["t"], torch.tensor([1, 2]), lengths=torch.tensor([3])), "sum to 3 but there are 2"),

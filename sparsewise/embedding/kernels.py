@@ -41,6 +41,8 @@ DP_POOL = True
 # bag passes reading fewer bytes a row than this prefetch into L1 (prefetcht0), others into L2 (t1):
 # on 256 B bf16 rows t0 was 3-6% faster (sessions 26 and 28); t0 was measured on shorter rows only
 BAG_T0_BYTES = 512
+# bags whose ids pooled_forward checks in one block before gathering them (256 x 32 ids: 64 KB)
+CHECK_BAGS = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,6 +73,7 @@ def _compiled():
     prefetch_row = _prefetch_row()  # prefetcht1 (L2) of every line of a row: see sparsewise._intrinsics
     use_dp = DP_POOL and bf16_dot_available()  # read once: the bag intrinsics below are built with it
     t0_bytes = BAG_T0_BYTES
+    CHECK_BAGS_ = CHECK_BAGS
 
     f32 = ir.FloatType()
     v16f = ir.VectorType(f32, 16)
@@ -518,12 +521,26 @@ def _compiled():
             for d in range(o.shape[0]):
                 o[d] *= inv
 
+    @njit(inline="always")
+    def ids_ok(values, s, e, n):
+        # every id of values[s:e] in [0, n); run on a block just before it is gathered, so the
+        # gather reads the ids from cache (a separate pass over a batch's ids cost 4% of a lookup)
+        for j in range(s, e):
+            v = values[j]
+            if v < 0 or v >= n:
+                return False
+        return True
+
     # values (nnz,) int64, offsets (F*B+1,) int64, weights (nnz,) float32 (ignored unless has_w),
-    # out (B, C) float32, argmax (B, C) int32 (written for max-pooled fp32 features if track)
+    # out (B, C) float32, argmax (B, C) int32 (written for max-pooled fp32 features if track).
+    # With check, every id is compared with its table's rows (feat_rows) before its row is read;
+    # a chunk meeting a bad id stops there and the call returns True (the output is then partly
+    # written; the caller raises). Prefetches may run ahead of the check: they never fault.
     def pooled_forward(values, offsets, weights, has_w, B, feat_table, feat_col, feat_pool,
-                       tab_addr, tab_stride, tab_dim, tab_dtype, out, argmax, track, pf_dist):
+                       tab_addr, tab_stride, tab_dim, tab_dtype, out, argmax, track, pf_dist, feat_rows, check):
         nbags = offsets.shape[0] - 1
         nchunks = min(nbags, 8 * numba.get_num_threads())
+        bad = np.zeros(max(nchunks, 1), np.bool_)
         for c in numba.prange(nchunks):
             i0 = c * nbags // nchunks
             i1 = (c + 1) * nbags // nchunks
@@ -546,10 +563,15 @@ def _compiled():
                 t = feat_table[f]
                 D = tab_dim[t]
                 pool = feat_pool[f]
-                iend = min(i1, (f + 1) * B)
+                fend = min(i1, (f + 1) * B)
+                # checked blocks of CHECK_BAGS bags; prefetching runs on to the feature's end
+                iend = min(fend, i + CHECK_BAGS_) if check else fend
+                if check and not ids_ok(values, offsets[i], offsets[iend], feat_rows[f]):
+                    bad[c] = True
+                    break
                 if pool != 2 and D % 16 == 0:
                     pool_bags_reg(values, offsets, i, iend, tab_addr[t], tab_stride[t], D, tab_dtype[t], weights, has_w,
-                                  out_addr + ((i - f * B) * C + feat_col[f]) * 4, C * 4, pf_dist, offsets[iend],
+                                  out_addr + ((i - f * B) * C + feat_col[f]) * 4, C * 4, pf_dist, offsets[fend],
                                   pool == 1)
                     if pj < offsets[iend]:
                         pj = offsets[iend]
@@ -579,6 +601,7 @@ def _compiled():
                         pool_row(o, am, track and pool == 2, j, base + values[j] * stride, D, dt, pool, w)
                     finish_bag(o, am, e - s, pool, track)
                 i = iend
+        return bad.any()
 
     # Deduplicating variant of pooled_forward (same arguments plus tab_base, total_rows): each
     # chunk of bags sorts its ids by global row, then reads every distinct row once, in address
@@ -872,9 +895,10 @@ def _compiled():
 SERIAL_BYTES = 1 << 20  # a call moving fewer row bytes than this runs on one thread
 
 
-def pooled_forward(*args, moved_bytes: int):
-    """Pool every bag (see the kernel's comment for the arguments); serial below SERIAL_BYTES."""
-    return _compiled()["forward"][moved_bytes < SERIAL_BYTES](*args)
+def pooled_forward(*args, moved_bytes: int) -> bool:
+    """Pool every bag (see the kernel's comment for the arguments); serial below SERIAL_BYTES.
+    True when ``check`` found an id out of range (the output is then incomplete)."""
+    return bool(_compiled()["forward"][moved_bytes < SERIAL_BYTES](*args))
 
 
 def pooled_forward_dedup(*args, moved_bytes: int):
