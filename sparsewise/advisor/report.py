@@ -49,7 +49,8 @@ STATUS = [
      "works on CPU; lookups 1.65-1.86x / 2.52-3.45x / 2.81-4.23x nn.EmbeddingBag (fp32 / bf16 / int8), training 15.6-16.1x torch / "
      "2.3-2.5x FBGEMM (targets 20x / 3x not met); second host's last run: lookups 1.04x / 1.82x / 2.27x (in-run "
      "readers without arithmetic 0.97x / 2.26x / 2.71x; bf16's 2.75x at its best prefetch), training 16.76x torch, "
-     "1.51x FBGEMM (ceiling 2.41x; 20.69x / 1.45x in 27h, step at 69% of its floor); "
+     "1.51x FBGEMM (ceiling 2.41x; 20.69x / 1.45x in 27h, step at 69% of its floor); run 28d (ids checked "
+     "block by block inside the gather): lookups 1.35x / 2.07x / 2.45x, training 20.74x torch, 1.45x FBGEMM; "
      "tables larger than RAM, sharding not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)",
      "works on CPU (training and inference), on CUDA through torch ops; experts pruned by prune_; decode 2.2-3.3x "
