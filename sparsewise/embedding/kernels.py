@@ -10,8 +10,10 @@ scale and bias at byte ``ceil4(D)`` of the row). Features: ``feat_table`` (F,), 
 first output column, ``feat_pool`` (F,) 0 sum / 1 mean / 2 max. Bag i = f*B + b holds
 ``values[offsets[i]:offsets[i+1]]``.
 
-The callers (``functional.py``) check every id, offset, dtype and address before a kernel runs;
-the kernels trust them. Pure-torch references of both kernels are in ``reference.py``.
+The callers (``functional.py``) check every offset, dtype and address before a kernel runs, and
+every id too, except for ``pooled_forward``, which compares each block of ids with its table's rows
+before it reads any of their rows (and reports a bad one: the caller raises; the forward writes
+only its own output). The kernels trust the rest. Pure-torch references of both kernels are in ``reference.py``.
 
 Why it is faster than nn.EmbeddingBag: the gather is bound by how many cache misses are in
 flight, not by bandwidth. Every gather prefetches the cache lines of the row ``pf_dist`` ids ahead
