@@ -2,8 +2,10 @@
 backend (numba kernels or the pure-torch reference) and wires the fused optimizer into autograd.
 
 ``lookup`` is what :class:`~sparsewise.embedding.EmbeddingBagCollection` calls; it can also be
-used on raw tensors. Everything that could make a kernel read out of bounds is checked first:
-ids (negative or >= the table's rows), offsets, dtypes, table shapes and contiguity.
+used on raw tensors. Everything that could make a kernel read out of bounds is checked before it
+is read: offsets, dtypes, table shapes and contiguity before any kernel runs; ids (negative or >=
+the table's rows) by the plain gather kernel itself, a block of ids before their rows, and before
+the other paths run.
 """
 from __future__ import annotations
 
@@ -72,16 +74,15 @@ def _as_np(t: torch.Tensor, dtype) -> np.ndarray:
     return t.contiguous().numpy()
 
 
-def check_batch(kj: KeyedJagged, layout: Layout, *, ids: bool = True):
-    """Validate ``kj`` against the tables; return (values, offsets, weights) as numpy arrays.
-    ``ids=False`` leaves the id range check to the caller (the gather kernel checks each block
-    of ids just before reading it: :func:`check_ids_range` then raises)."""
+def check_batch(kj: KeyedJagged):
+    """Validate ``kj``'s layout; return (values, offsets, weights) as numpy arrays. The ids' range
+    is checked where the path is known: the plain gather kernel checks each block of ids just
+    before reading their rows (saves a pass over the ids), the other paths call
+    :func:`check_ids_range` first."""
     kj.validate()
     values = _as_np(kj.values, torch.int64)
     offsets = _as_np(kj.offsets, torch.int64)
     weights = None if kj.weights is None else _as_np(kj.weights.detach(), torch.float32)
-    if ids:
-        check_ids_range(values, offsets, kj.batch_size, layout)
     return values, offsets, weights
 
 
@@ -112,10 +113,10 @@ def table_arrays(tables: list[TableConfig], weights: list[torch.Tensor]):
     return (np.array(addr, np.int64), np.array(stride, np.int64), np.array(dim, np.int64), np.array(code, np.int64))
 
 
-def _forward_kernel(values, offsets, weights, B, layout, tables, tws, track, pf_dist, dedup=None, check=False):
+def _forward_kernel(values, offsets, weights, B, layout, tables, tws, track, pf_dist, dedup=None):
     """``dedup``: None, or (tab_base (T,), total_rows) to run the deduplicating (sorted) gather.
-    ``check``: the ids' range is not checked yet: the plain gather checks each block of ids as it
-    reads them (this then raises); the dedup gather has it checked first."""
+    The ids' range: the plain gather checks each block of ids as it reads them (this then
+    raises); the dedup gather has them checked first."""
     addr, stride, dim, code = table_arrays(tables, tws)
     # a large output on huge pages: a fresh 32 MB buffer costs 8192 page faults on 4 KB pages
     # (measured ~6 ms of a 54 ms lookup), 16 on 2 MB pages, none when a freed one is reused
@@ -123,14 +124,14 @@ def _forward_kernel(values, offsets, weights, B, layout, tables, tws, track, pf_
     out = out_t.numpy()
     argmax = np.empty((B, layout.width) if track else (1, 1), np.int32)
     w = weights if weights is not None else np.empty(0, np.float32)
-    if check and dedup is not None:
+    if dedup is not None:
         check_ids_range(values, offsets, B, layout)
     if offsets.size > 1 and B > 0:
         args = (values, offsets, w, weights is not None, B, layout.feat_table, layout.feat_col, layout.feat_pool,
                 addr, stride, dim, code, out, argmax, track, pf_dist)
         moved = int(values.size * stride.max())
         if dedup is None:
-            if K.pooled_forward(*args, layout.feat_rows, check, moved_bytes=moved):
+            if K.pooled_forward(*args, layout.feat_rows, moved_bytes=moved):
                 check_ids_range(values, offsets, B, layout)
                 raise AssertionError("the gather kernel flagged an id that check_ids accepts")
         else:
@@ -233,9 +234,8 @@ class KernelChooser:
         return {k: v["best"] for k, v in self._state.items()}
 
 
-def _forward_any(values, offsets, weights, B, layout, tables, tws, track, pf_dist, dedup, choice, check=False):
-    """Run the kernel ``choice`` says ("kernel", "torch", or a (KernelChooser, key) pair to decide).
-    ``check``: the ids' range is not checked yet (the plain gather kernel checks it as it reads)."""
+def _forward_any(values, offsets, weights, B, layout, tables, tws, track, pf_dist, dedup, choice):
+    """Run the kernel ``choice`` says ("kernel", "torch", or a (KernelChooser, key) pair to decide)."""
     import time
 
     chooser = None
@@ -244,11 +244,10 @@ def _forward_any(values, offsets, weights, B, layout, tables, tws, track, pf_dis
         choice = chooser.choose(key)
     t0 = time.perf_counter()
     if choice == "torch":
-        if check:
-            check_ids_range(values, offsets, B, layout)
+        check_ids_range(values, offsets, B, layout)
         out, argmax = _forward_torch(values, offsets, weights, B, layout, tables, tws), np.empty((1, 1), np.int32)
     else:
-        out, argmax = _forward_kernel(values, offsets, weights, B, layout, tables, tws, track, pf_dist, dedup, check)
+        out, argmax = _forward_kernel(values, offsets, weights, B, layout, tables, tws, track, pf_dist, dedup)
     if chooser is not None:
         chooser.record(key, choice, time.perf_counter() - t0)
     return out, argmax
@@ -259,10 +258,10 @@ class _FusedLookup(torch.autograd.Function):
     deduplicated row gradients are applied by the optimizer in place (FBGEMM TBE semantics)."""
 
     @staticmethod
-    def forward(ctx, anchor, state, values, offsets, weights, B, layout, pf_dist, dedup, choice, check):
+    def forward(ctx, anchor, state, values, offsets, weights, B, layout, pf_dist, dedup, choice):
         tables, tws = state.tables, state.weights()
         out, argmax = _forward_any(values, offsets, weights, B, layout, tables, tws, layout.has_max, pf_dist, dedup,
-                                   choice, check)
+                                   choice)
         ctx.args = (state, values, offsets, weights, B, layout, argmax)
         return out
 
@@ -270,13 +269,13 @@ class _FusedLookup(torch.autograd.Function):
     def backward(ctx, grad):
         state, values, offsets, weights, B, layout, argmax = ctx.args
         if grad is None:
-            return (None,) * 11
+            return (None,) * 10
         g = grad.detach().to(torch.float32).contiguous()
         if not K.all_finite(g.numpy()):
             raise ValueError("the gradient reaching the embedding tables holds NaN or Inf; "
                              "no table or optimizer state was changed")
         state.apply_gradient(values, offsets, weights, B, layout, g.numpy(), argmax)
-        return (None,) * 11
+        return (None,) * 10
 
 
 def lookup(kj: KeyedJagged, layout: Layout, state, *, train: bool, backend: str = "kernel",
@@ -285,12 +284,11 @@ def lookup(kj: KeyedJagged, layout: Layout, state, *, train: bool, backend: str 
     stored weights, optimizer, ``tab_base``/``total_rows`` for ``dedup``). With ``train`` the
     output carries a grad_fn whose backward runs the fused optimizer. ``dedup`` reads each distinct
     row of a chunk of bags once, in address order (sorted gather)."""
-    # the ids' range is checked where the path is known (_forward_any): the plain gather kernel
-    # checks each block of ids as it reads them, which saves a pass over the ids (4% of a lookup)
-    values, offsets, weights = check_batch(kj, layout, ids=backend == "reference")
+    values, offsets, weights = check_batch(kj)  # ids: see check_batch
     B = kj.batch_size
     tables = state.tables
     if backend == "reference":
+        check_ids_range(values, offsets, B, layout)
         if train:
             raise ValueError("backend='reference' is inference only; the reference update is reference_update()")
         return _forward_reference(kj, layout, tables, state.weights())
@@ -307,10 +305,8 @@ def lookup(kj: KeyedJagged, layout: Layout, state, *, train: bool, backend: str 
         pf_dist = default_prefetch(max(t.row_bytes for t in tables))
     dd = (state.tab_base, state.total_rows) if dedup else None
     if train:
-        return _FusedLookup.apply(state.anchor, state, values, offsets, weights, B, layout, pf_dist, dd, choice,
-                                  True)
-    out, _ = _forward_any(values, offsets, weights, B, layout, tables, state.weights(), False, pf_dist, dd, choice,
-                          True)
+        return _FusedLookup.apply(state.anchor, state, values, offsets, weights, B, layout, pf_dist, dd, choice)
+    out, _ = _forward_any(values, offsets, weights, B, layout, tables, state.weights(), False, pf_dist, dd, choice)
     return out
 
 

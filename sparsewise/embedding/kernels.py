@@ -535,11 +535,12 @@ def _compiled():
 
     # values (nnz,) int64, offsets (F*B+1,) int64, weights (nnz,) float32 (ignored unless has_w),
     # out (B, C) float32, argmax (B, C) int32 (written for max-pooled fp32 features if track).
-    # With check, every id is compared with its table's rows (feat_rows) before its row is read;
-    # a chunk meeting a bad id stops there and the call returns True (the output is then partly
-    # written; the caller raises). Prefetches may run ahead of the check: they never fault.
+    # Every id is compared with its table's rows (feat_rows) before its row is read, a block of
+    # CHECK_BAGS bags at a time; a chunk meeting a bad id stops there and the call returns True
+    # (the output is then partly written; the caller raises). Prefetches run ahead of the check:
+    # they never fault.
     def pooled_forward(values, offsets, weights, has_w, B, feat_table, feat_col, feat_pool,
-                       tab_addr, tab_stride, tab_dim, tab_dtype, out, argmax, track, pf_dist, feat_rows, check):
+                       tab_addr, tab_stride, tab_dim, tab_dtype, out, argmax, track, pf_dist, feat_rows):
         nbags = offsets.shape[0] - 1
         nchunks = min(nbags, 8 * numba.get_num_threads())
         bad = np.zeros(max(nchunks, 1), np.bool_)
@@ -567,8 +568,8 @@ def _compiled():
                 pool = feat_pool[f]
                 fend = min(i1, (f + 1) * B)
                 # checked blocks of CHECK_BAGS bags; prefetching runs on to the feature's end
-                iend = min(fend, i + CHECK_BAGS_) if check else fend
-                if check and not ids_ok(values, offsets[i], offsets[iend], feat_rows[f]):
+                iend = min(fend, i + CHECK_BAGS_)
+                if not ids_ok(values, offsets[i], offsets[iend], feat_rows[f]):
                     bad[c] = True
                     break
                 if pool != 2 and D % 16 == 0:
@@ -899,7 +900,7 @@ SERIAL_BYTES = 1 << 20  # a call moving fewer row bytes than this runs on one th
 
 def pooled_forward(*args, moved_bytes: int) -> bool:
     """Pool every bag (see the kernel's comment for the arguments); serial below SERIAL_BYTES.
-    True when ``check`` found an id out of range (the output is then incomplete)."""
+    True when it met an id out of its table's range (the output is then incomplete)."""
     return bool(_compiled()["forward"][moved_bytes < SERIAL_BYTES](*args))
 
 
