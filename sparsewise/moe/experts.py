@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from ..nm.functional import nm_linear
 from ..nm.kernels import decompress_24, nm_matmul
 from ..nm.tensor import NMTensor
-from .kernels import ACTIVATIONS, activate, decode_swiglu, decode_swiglu_nm, dp_kernel_applies, grouped_matvec, grouped_nm_matmul
+from .kernels import (ACTIVATIONS, WIDE_FROM, _weight_array, activate, decode_swiglu, decode_swiglu_nm, dp_kernel_applies,
+                      grouped_matvec, grouped_nm_matmul, rows_kind)
 from .routing import RoutingPlan
 
 __all__ = ["Experts", "DECODE_ROWS", "DECODE_ROWS_DP", "DECODE_ROWS_PREPACKED", "NM_GEMM_MIN_ROWS", "NM_ROWS_GEMM_MIN_ROWS",
@@ -162,6 +163,7 @@ class Experts(nn.Module):
         self.register_buffer("down_indices", torch.stack([t.indices for t in dn]))
         self._nm = (n, m)
         self._relink()
+        self.__dict__.pop("_fused_cache", None)  # holds views of the dense weights
         return self
 
     def _relink(self) -> None:
@@ -177,6 +179,7 @@ class Experts(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # .to(dtype) and friends: rebuild the packed views
         out = super()._apply(fn, *args, **kwargs)
+        self.__dict__.pop("_fused_cache", None)
         if self.packed is not None:
             self._relink()
         return out
@@ -258,6 +261,43 @@ class Experts(nn.Module):
             return []
         limit = self._nm_rows_min() or NM_GEMM_MIN_ROWS
         return [e for e in plan.used_experts() if plan.counts_list[e] >= limit]
+
+    def fused_args(self, rows: int) -> tuple[tuple[str, str], tuple] | None:
+        """For ``MoE``'s one-call decode: (kernel variant, weight arrays and sizes) of the compiled
+        kernel that runs these experts in inference when no expert has more than ``rows`` rows,
+        or None where inference takes another path (GEMMs, other activations or dtypes). Cached
+        until a weight changes (in place, replaced, re-packed or converted)."""
+        ts = (self.gate_up, self.down) if self.packed is None else \
+            (self.gate_up_values, self.gate_up_indices, self.down_values, self.down_indices)
+        key = (self.prepack, self.activation) + tuple((t.data_ptr(), t._version, t.dtype, t.shape) for t in ts)
+        cached = self.__dict__.get("_fused_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_fused_cache"] = (key, self._fused_build())
+        built = cached[1]
+        if built is None or rows > built[2]:
+            return None
+        return built[0], built[1]
+
+    def _fused_build(self) -> tuple[tuple[str, str], tuple, int] | None:
+        # (variant, args, most rows per expert the kernel takes in inference) or None
+        if self.activation != "swiglu" or self.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if self.packed is None:
+            kind = rows_kind(self.gate_up)
+            if rows_kind(self.down) != kind:
+                kind = "widen"
+            return (("dense", kind), (_weight_array(self.gate_up.detach()), _weight_array(self.down.detach()),
+                                      WIDE_FROM[self.gate_up.dtype]), self._decode_limit())
+        kernel = self._nm_kernel()
+        if kernel is None:
+            return None
+        from ..nm.kernels import _as_kernel_values
+
+        most = (self._nm_rows_min() or NM_GEMM_MIN_ROWS) - 1 if kernel == "dp" else 1 << 62
+        e_, r, _ = self.gate_up_values.shape
+        return (("nm", kernel), (_as_kernel_values(self.gate_up_values.detach()), self.gate_up_indices.numpy().reshape(-1),
+                                 _as_kernel_values(self.down_values.detach()), self.down_indices.numpy().reshape(-1),
+                                 e_, r, self.d_model, self.d_ff), most)
 
     def _nm_rows_min(self) -> int | None:
         # rows from which a 2:4 bf16 expert runs "dprows" calls of its own (None: not on this CPU)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from .experts import Experts, uniform_plan
-from .kernels import ACTIVATIONS
-from .routing import Router, RouterConfig, RoutingPlan
+from .kernels import ACTIVATIONS, _compiled_block, _weight_array, variant_input
+from .routing import _NO_BIAS, Router, RouterConfig, RoutingPlan
 
 __all__ = ["MoEConfig", "MoE", "hf_available"]
 
@@ -125,6 +126,9 @@ class MoE(nn.Module):
             raise ValueError(f"x must end in d_model={self.config.d_model} features, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.config.d_model)
+        y = self._fused_decode(x2)
+        if y is not None:
+            return y.reshape(*lead, self.config.d_model)
         plan = self.router(x2, self.config.capacity_factor)
         self.last_plan = plan
         y = self.experts(x2, plan)
@@ -134,6 +138,61 @@ class MoE(nn.Module):
                 s = torch.sigmoid(self.shared_gate(x2)) * s
             y = y + s
         return y.reshape(*lead, self.config.d_model)
+
+    def _fused_decode(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """Inference with few tokens on CPU: router matmul, routing, routed and shared experts and
+        the shared gate in one compiled call (kernels.decode_block); None where it does not apply
+        (training, capacity mode, aux losses, GEMM-sized expert groups). Same arithmetic as the
+        step-by-step path up to rounding: bf16 blocks round the router and gate logits to bf16
+        as a bf16 model computes them, and the output once at the end."""
+        cfg, router = self.config, self.router
+        rc = router.config
+        t = x2.shape[0]
+        if (not t or cfg.capacity_factor is not None or x2.device.type != "cpu" or x2.dtype != self.experts.dtype
+                or rc.aux_loss_coef or rc.z_loss_coef):
+            return None
+        if torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return None
+        if _hooked(self.router, self.experts, self.shared, self.shared_gate):  # e.g. pruning's calibration
+            return None
+        routed = self.experts.fused_args(t)
+        shared = self.shared.fused_args(t) if self.shared is not None else None
+        if routed is None or (self.shared is not None and shared is None):
+            return None
+        rv, rargs = routed
+        sv, sargs = shared if shared is not None else (None, rargs)
+        xf = x2.to(torch.float32).contiguous().numpy()
+        xr = variant_input(x2, rv)
+        xs = variant_input(x2, sv) if sv is not None else xr
+        rw, gw = self._fused_small(x2.dtype)
+        bias = router.expert_bias if router.expert_bias is not None else _NO_BIAS
+        ok, out, w, ids, slot, counts, offsets, tok = _compiled_block(rv, sv)(
+            xf, rw, x2.dtype == torch.bfloat16, bias.detach().numpy(), rc.scoring == "sigmoid", rc.n_group,
+            rc.topk_group, rc.top_k, rc.norm_topk_prob, float(rc.routed_scaling_factor), xr, rargs,
+            sv is not None, xs, sargs, gw)
+        if not ok:
+            raise ValueError("router logits contain NaN or Inf (check the input and the router weight)")
+        counts = torch.from_numpy(counts)
+        if router.training and router.expert_bias is not None:
+            router._last_counts = counts
+        self.last_plan = RoutingPlan(t, rc.num_experts, rc.top_k, torch.from_numpy(ids), torch.from_numpy(w),
+                                     torch.from_numpy(tok), torch.from_numpy(slot), counts, torch.from_numpy(offsets),
+                                     counts.tolist())
+        return torch.from_numpy(out).to(x2.dtype)
+
+    def _fused_small(self, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+        # router and shared-gate weights as the block reads them: views (fp32, or bf16 bits) of
+        # weights already in ``dtype``, cached by address; others rounded to ``dtype`` per call
+        ws = (self.router.weight,) + ((self.shared_gate.weight,) if self.shared_gate is not None else ())
+        key = (dtype,) + tuple((w.data_ptr(), w.dtype, w.shape) for w in ws)
+        cached = self.__dict__.get("_fused_small_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        arrays = tuple(_weight_array(w.detach().to(dtype).contiguous()) for w in ws)
+        out = (arrays[0], arrays[1] if len(arrays) > 1 else _NO_GATE)
+        if all(w.dtype == dtype and w.is_contiguous() for w in ws):
+            self.__dict__["_fused_small_cache"] = (key, out)
+        return out
 
     def aux_loss(self) -> torch.Tensor:
         """Balancing loss + z-loss of the last forward (zero when neither is configured)."""
@@ -231,3 +290,15 @@ def hf_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("transformers") is not None
+
+
+_NO_GATE = np.zeros((0, 1), dtype=np.float32)
+
+
+def _hooked(*modules) -> bool:
+    # True when a forward hook would see the submodules' calls (the one-call decode makes none)
+    from torch.nn.modules import module as M
+
+    if M._global_forward_hooks or M._global_forward_pre_hooks:
+        return True
+    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
