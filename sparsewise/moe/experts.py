@@ -265,11 +265,12 @@ class Experts(nn.Module):
     def fused_args(self, rows: int) -> tuple[tuple[str, str], tuple] | None:
         """For ``MoE``'s one-call decode: (kernel variant, weight arrays and sizes) of the compiled
         kernel that runs these experts in inference when no expert has more than ``rows`` rows,
-        or None where inference takes another path (GEMMs, other activations or dtypes). Cached
-        until a weight changes (in place, replaced, re-packed or converted)."""
+        or None where inference takes another path (GEMMs, other activations or dtypes). The
+        arrays are views of the weights (in-place edits are seen), cached until a weight is
+        replaced, re-packed or converted."""
         ts = (self.gate_up, self.down) if self.packed is None else \
             (self.gate_up_values, self.gate_up_indices, self.down_values, self.down_indices)
-        key = (self.prepack, self.activation) + tuple((t.data_ptr(), t._version, t.dtype, t.shape) for t in ts)
+        key = (self.prepack, self.activation) + tuple((t.data_ptr(), t.dtype, t.shape) for t in ts)
         cached = self.__dict__.get("_fused_cache")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_fused_cache"] = (key, self._fused_build())

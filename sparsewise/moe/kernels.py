@@ -870,13 +870,10 @@ def decode_swiglu_nm(gate_up_values: torch.Tensor, gate_up_indices: torch.Tensor
     d, h = dhalf * 2, r // 2
     if r % 2 or down_values.shape != (e_, d, h // 2) or x.dim() != 2 or x.shape[1] != d:
         raise ValueError(f"2:4 gate_up {(e_, r, d)}, down values {tuple(down_values.shape)} and x {tuple(x.shape)} do not fit")
-    if kernel == "dp":
-        xv = x.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-    else:
-        xv = x.to(torch.float32).contiguous().numpy()
     out = _compiled_decode_nm(kernel)(
         _as_kernel_values(gate_up_values.detach()), gate_up_indices.numpy().reshape(-1),
-        _as_kernel_values(down_values.detach()), down_indices.numpy().reshape(-1), xv, token_index.numpy(),
+        _as_kernel_values(down_values.detach()), down_indices.numpy().reshape(-1), variant_input(x, ("nm", kernel)),
+        token_index.numpy(),
         weights.to(torch.float32).contiguous().numpy(), offsets.numpy(), np.asarray(used, dtype=np.int64), e_, r, d, h)
     return torch.from_numpy(out)
 
@@ -919,23 +916,17 @@ def grouped_nm_matmul(values: torch.Tensor, indices: torch.Tensor, x: torch.Tens
 # ---------------------------------------------------------------- the whole block in one call
 # Decode spends tens of microseconds per small torch op and per crossing into compiled code
 # (measured, Zen 5, 1 token: ~90 us of a Mixtral-shaped bf16 block's ~0.65 ms outside the expert
-# kernel, ~145 us of a DeepSeek-shaped one's ~0.64 ms). ``decode_block`` runs router matmul,
+# kernel, ~145 us of a DeepSeek-shaped one's ~0.64 ms). ``_compiled_block`` runs router matmul,
 # routing, routed experts, shared experts and the shared gate in one compiled call.
-
-def expert_variant(family: str, kind: str) -> tuple[str, str]:
-    """The fused expert kernel a block takes: ("dense", rows_kind) or ("nm", "dp"|"perm")."""
-    if (family, kind) not in {("dense", "dp"), ("dense", "f32"), ("dense", "widen"), ("nm", "dp"), ("nm", "perm")}:
-        raise ValueError(f"no fused expert kernel for {family} weights with kernel {kind!r}")
-    return family, kind
-
 
 def variant_input(x: torch.Tensor, variant: tuple[str, str]) -> np.ndarray:
     """x (T, D) as the variant's kernel reads it: bf16 bits for "dp" (uint16 dense, int16 2:4),
     fp32 otherwise."""
     family, kind = variant
+    if family == "dense":
+        return _input_array(x, kind)
     if kind == "dp":
-        bits = x.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-        return bits.view(np.uint16) if family == "dense" else bits
+        return x.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
     return x.to(torch.float32).contiguous().numpy()
 
 

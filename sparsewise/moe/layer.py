@@ -141,8 +141,8 @@ class MoE(nn.Module):
 
     def _fused_decode(self, x2: torch.Tensor) -> torch.Tensor | None:
         """Inference with few tokens on CPU: router matmul, routing, routed and shared experts and
-        the shared gate in one compiled call (kernels.decode_block); None where it does not apply
-        (training, capacity mode, aux losses, GEMM-sized expert groups). Same arithmetic as the
+        the shared gate in one compiled call (kernels._compiled_block); None where it does not apply
+        (autograd, forward hooks on a submodule, capacity mode, aux losses, GEMM-sized expert groups). Same arithmetic as the
         step-by-step path up to rounding: bf16 blocks round the router and gate logits to bf16
         as a bf16 model computes them, and the output once at the end."""
         cfg, router = self.config, self.router
