@@ -30,5 +30,10 @@ def test_bench_suite_runs_and_writes(tmp_path, monkeypatch):
     assert all(r["dense_ratio"] > 0 and r["sparse24_ratio"] > 0 for r in rows)
     # the % columns divide by the read bandwidth measured in the run, not the (fake) cached probe
     assert all(0.5 < r["read_gbs"] < 2000 and r["read_gbs"] != 30.0 for r in rows)
+    # decode cells are also timed against a plain read of the bytes they reach; prefill cells are not
+    for r in rows:
+        decode = r["phase"] == "decode"
+        for k in ("dense_pct_same_read", "sparse24_pct_same_read", "same_read_gbs_dense", "same_read_gbs_24"):
+            assert (r[k] > 0) if decode else (r[k] is None)
     assert rows[0]["baseline_block"] == "MixtralSparseMoeBlock" and rows[-1]["baseline_block"] == "Qwen2MoeSparseMoeBlock"
     assert (tmp_path / "moe.md").read_text().startswith("| workload")

@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 
 from sparsewise.advisor import probe as P
@@ -132,3 +134,30 @@ def test_gather_reader_reads_every_word_of_every_row(row_bytes):
     assert rb == row_bytes
     for dist in (0, 8, 64):
         assert read(ids, dist) == want
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_slice_reader_reads_exactly_the_ranges_it_is_given(threads):
+    from sparsewise.advisor.probe import _segment_sum, slice_reader
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(64 * 100).astype(np.float32)
+    b = rng.standard_normal(64 * 7).astype(np.float32)
+    ranges = [(256 * 3, 256 * 10), (256 * 50, 256 * 51 + 100), (256 * 90, 256 * 100)]  # a cut row is left out
+    read = slice_reader([(a, ranges), (b, [(0, b.nbytes)])], threads=threads)
+    rows = a.reshape(-1, 64)
+    want = rows[3:10].sum(dtype=np.float64) + rows[50:51].sum(dtype=np.float64) + rows[90:100].sum(dtype=np.float64)
+    want += b.sum(dtype=np.float64)
+    assert read() == pytest.approx(want, rel=1e-4, abs=1e-3)
+    # the whole array in one range: the same as a plain sum, whatever the thread count
+    seg = _segment_sum()
+    assert seg(rows, np.array([0], np.int64), np.array([100], np.int64), threads) == pytest.approx(
+        rows.sum(dtype=np.float64), rel=1e-4, abs=1e-3)
+
+
+def test_slice_reader_refuses_a_copy():
+    from sparsewise.advisor.probe import slice_reader
+
+    a = np.ones((64, 128), np.float32)[:, ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        slice_reader([(a, [(0, 256)])])

@@ -22,7 +22,7 @@ import numpy as np
 from .._util import atomic_write_json, cache_dir, num_threads, threads as _threads
 from ..bench import timeit
 
-__all__ = ["probe", "machine_info", "cached_probe", "format_probe", "gather_limit", "gather_reader", "ReadMeter",
+__all__ = ["probe", "machine_info", "cached_probe", "format_probe", "gather_limit", "gather_reader", "ReadMeter", "slice_reader",
            "PROBE_SCHEMA",
            "FLAGS_OF_INTEREST", "PREFETCH_DISTS"]
 
@@ -206,6 +206,64 @@ def _kernels():
         return part.sum()
 
     return stream_sum, gather_sum
+
+
+@functools.lru_cache(maxsize=None)
+def _segment_sum():
+    import numba
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def segment_sum(a, starts, ends, workers):
+        # a (N, 64) float32 -> float64; reads rows [starts[i], ends[i]) of a, the concatenation
+        # cut into `workers` equal runs in order (one per thread, one parallel region)
+        tot = 0
+        for i in range(starts.shape[0]):
+            tot += ends[i] - starts[i]
+        part = np.zeros(workers, np.float64)
+        for w in numba.prange(workers):
+            lo = w * tot // workers
+            hi = (w + 1) * tot // workers
+            acc = np.zeros(64, np.float32)
+            pos = 0
+            for i in range(starts.shape[0]):
+                n = ends[i] - starts[i]
+                for r in range(max(lo, pos), min(hi, pos + n)):
+                    row = starts[i] + r - pos
+                    for j in range(64):
+                        acc[j] += a[row, j]
+                pos += n
+            part[w] = acc.sum()
+        return part.sum()
+
+    return segment_sum
+
+
+def slice_reader(parts: list[tuple[np.ndarray, list[tuple[int, int]]]], threads: int | None = None) -> Callable[[], float]:
+    """A callable that reads exactly the given byte ranges, for a kernel's bandwidth limit: the
+    time of a plain read of the same bytes, timed beside the kernel, is the best that memory
+    gives for them now (cache state, the host's current read rate and all). ``parts``: (array,
+    [(start_byte, end_byte), ...]) per array, read in that order, one parallel region per array
+    cut into ``threads`` runs (default: the current count); ranges are cut to whole 256-byte rows."""
+    segment_sum = _segment_sum()
+    workers = num_threads(threads)
+    jobs = []
+    for arr, ranges in parts:
+        if not arr.flags.c_contiguous:
+            raise ValueError("slice_reader reads arrays in place: pass C-contiguous arrays (a copy is other memory)")
+        flat = arr.reshape(-1).view(np.uint8)
+        rows = flat.size // 256
+        if not rows:
+            continue
+        base = flat[: rows * 256].view(np.float32).reshape(rows, 64)
+        st = np.array([min(rows, a // 256) for a, _ in ranges], np.int64)
+        en = np.array([min(rows, max(a // 256, b // 256)) for a, b in ranges], np.int64)
+        jobs.append((base, st, en))
+
+    def read() -> float:  # on the caller's thread setting (numba's), like the kernel it is timed with
+        return sum(segment_sum(b, s, e, workers) for b, s, e in jobs)
+
+    read()  # compiled (or loaded from its cache) here, not in the first timed call
+    return read
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,9 @@ Per (workload, dtype, tokens), interleaved with :func:`sparsewise.bench.compare`
 ours with dense experts (plain, the default; and with oneDNN-prepacked weight copies for the
 GEMMs, ``set_prepack``: 2x weight memory) and with 2:4 experts against the fastest of transformers' experts implementations ("eager", "grouped_mm": measured against each other first), and, for
 decode, against computing every expert densely on every token. Decode rows also give the bytes
-of the experts actually used / time as % of the probed read bandwidth; prefill rows give
+of the experts actually used / time as % of the probed read bandwidth, and our time against a
+plain parallel read of exactly those bytes timed beside it (:func:`same_bytes_reader`: the
+limit memory sets for the cell as the host runs then); prefill rows give
 FLOP/s as % of the probed GEMM peak of that dtype, and capacity mode (factor 1.25, dropped
 fraction) against dropless. Every weight set exceeds the 32 MB L3.
 """
@@ -156,6 +158,12 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
                     rc = compare(lambda: capped(xa()), lambda: dense(xb()), pairs=pairs,
                                  name=f"capacity {CAPACITY_FACTOR} vs dropless {name} {dt} T{t}")
                     dropped = sum((capped(x), capped.last_plan.dropped_fraction)[1] for x in pool) / len(pool)
+                rr_d = rr_s = None
+                if t <= DECODE_MAX:  # the cell's own bandwidth limit: a plain read of the same bytes
+                    rr_d = compare(lambda: dense(xa()), same_bytes_reader(dense, pool), pairs=pairs,
+                                   name=f"dense vs a read of its bytes {name} {dt} T{t}")
+                    rr_s = compare(lambda: sparse(xa()), same_bytes_reader(sparse, pool), pairs=pairs,
+                                   name=f"2:4 vs a read of its bytes {name} {dt} T{t}")
                 ra = None
                 if t <= all_dense_max:
                     ra = compare(lambda: dense(xa()), lambda: all_dense(xb()), pairs=pairs,
@@ -183,6 +191,10 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
                 "sparse24_pct_read_bw": 100.0 * used_s / rs.candidate_s / 1e9 / bw,
                 "dense_pct_gemm_peak": 100.0 * flops / rd.candidate_s / 1e9 / peak,
                 "hf_pct_gemm_peak": 100.0 * flops / rd.baseline_s / 1e9 / peak,
+                "dense_pct_same_read": None if rr_d is None else 100.0 * rr_d.ratio,
+                "sparse24_pct_same_read": None if rr_s is None else 100.0 * rr_s.ratio,
+                "same_read_gbs_dense": None if rr_d is None else used_d / rr_d.baseline_s / 1e9,
+                "same_read_gbs_24": None if rr_s is None else used_s / rr_s.baseline_s / 1e9,
                 "read_gbs": bw, "pairs": rd.pairs, "threads": rd.threads,
             }
             rows.append(row)
@@ -203,9 +215,50 @@ def _used_bytes(moe: MoE, pool) -> float:
     return total / len(pool)
 
 
+def _bytes_of(t: torch.Tensor):
+    return t.detach().view(-1).view(torch.uint8).numpy()  # in place (view raises on a non-contiguous tensor)
+
+
+def _expert_parts(experts, used) -> list:
+    # (array, byte ranges) of the stacked weights of the `used` experts, in the kernels' order:
+    # every used expert's first matrix, then their second ones
+    if experts.packed is None:
+        stacks = (experts.gate_up, experts.down)
+    else:
+        stacks = (experts.gate_up_values, experts.gate_up_indices, experts.down_values, experts.down_indices)
+    parts = []
+    for st in stacks:
+        per = st[0].numel() * st.element_size()
+        parts.append((_bytes_of(st), [(e * per, (e + 1) * per) for e in used]))
+    return parts
+
+
+def same_bytes_reader(moe: MoE, pool):
+    """A plain parallel read of exactly the weights ``moe`` reaches for each input of ``pool``
+    (router, the used experts' matrices, shared experts and their gate), cycling over the pool as
+    the timed inputs do: timed beside the block, its time is the limit memory sets for that cell
+    right now, with the same cache state (a reused expert's bytes partly in L3) and the host's
+    read rate of the moment (which swings ~1.7x on this host between minutes)."""
+    from ..advisor.probe import slice_reader
+
+    readers = []
+    for x in pool:
+        moe(x)
+        parts = [(_bytes_of(moe.router.weight), [(0, moe.router.weight.numel() * moe.router.weight.element_size())])]
+        parts += _expert_parts(moe.experts, moe.last_plan.used_experts())
+        if moe.shared is not None:
+            parts += _expert_parts(moe.shared, range(moe.shared.num_experts))
+        if moe.shared_gate is not None:
+            gw = moe.shared_gate.weight
+            parts.append((_bytes_of(gw), [(0, gw.numel() * gw.element_size())]))
+        readers.append(slice_reader(parts))
+    it = itertools.cycle(readers)
+    return lambda: next(it)()
+
+
 TABLE_HEADER = ("workload", "dtype", "tokens", "HF impl", "dense vs HF", "dense+prepack vs HF", "2:4 vs HF",
                 "dense vs all experts", "ours dense ms", "HF ms", "% read BW (dense / +prepack / 2:4)",
-                "% GEMM peak (dense / +prepack / HF)",
+                "% of a read of the same bytes (dense / 2:4)", "% GEMM peak (dense / +prepack / HF)",
                 "capacity 1.25 vs dropless (dropped)")
 
 
@@ -219,6 +272,8 @@ def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
                     f"{r['ours_dense_ms']:.2f}", f"{r['hf_ms']:.2f}",
                     f"{r['dense_pct_read_bw']:.0f}% / {r['prepacked_pct_read_bw']:.0f}% / "
                     f"{r['sparse24_pct_read_bw']:.0f}%" if decode else "-",
+                    f"{r['dense_pct_same_read']:.0f}% / {r['sparse24_pct_same_read']:.0f}%"
+                    if r.get("dense_pct_same_read") is not None else "-",
                     "-" if decode else f"{r['dense_pct_gemm_peak']:.0f}% / {r['prepacked_pct_gemm_peak']:.0f}% / "
                     f"{r['hf_pct_gemm_peak']:.0f}%",
                     "-" if r.get("capacity_vs_dropless_ratio") is None else
@@ -228,7 +283,7 @@ def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of measured rows (ratios > 1: faster than the baseline)."""
-    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * 4 + "---:|" * 9]
+    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * 4 + "---:|" * 10]
     out += ["| " + " | ".join(c) + " |" for c in table_rows(rows)]
     return "\n".join(out)
 

@@ -195,9 +195,11 @@ DP_X_BYTES = 16384
 PF_ROWS = 2
 # and, for rows cut into input chunks (shorter pieces), at least this many bytes ahead
 PF_BYTES = 4096
-# tokens per expert from which the kernel asks ahead: fp32 with one token streams best on the
-# hardware prefetcher alone (1-token Mixtral decode 0.95-0.97x with the requests, paired)
-PF_FROM = {"dp": 1, "f32": 2}
+# tokens per expert from which the kernel asks ahead: with one token a row streams best on the
+# hardware prefetcher alone (1-token Mixtral decode with the requests, paired: fp32 0.95-0.97x;
+# bf16 0.85-0.96x, the kernel alone 0.89-0.93x of a plain read of its bytes against 0.95-0.96x
+# without; DeepSeek-shaped bf16 0.96-1.01x)
+PF_FROM = {"dp": 2, "f32": 2}
 # fp32 experts with more rows than this (one pass) take the 2-weight-rows-per-pass kernel, which
 # reuses each x load for two rows: paired, Mixtral-shaped experts from DRAM, the passes kernel vs it
 # at 8 / 12 / 16 / 32 rows an expert: gate_up 1.52 / 0.92 / 0.79 / 0.58x, down 1.28 / 1.40 / 1.64 / 0.73x

@@ -39,7 +39,8 @@ def moe_section(ctx):
             "weights read once per call; 2:4 experts in the packed N:M format) against transformers' own "
             "sparse MoE block with the same random-normal weights, dtype and threads, using the faster of its "
             "experts implementations, interleaved pairs. Decode rows also give bytes of the experts actually "
-            "used / time as % of the read bandwidth measured around the same timings.</p>" + _fig_to_img(fig)
+            "used / time as % of the read bandwidth measured around the same timings, and as % of the speed of a plain "
+            "read of exactly those bytes timed beside the block (the cell's own limit as memory runs then).</p>" + _fig_to_img(fig)
             + _table(table_rows(rows), TABLE_HEADER))
     summary = "\n".join(
         f"  {r['workload']} {r['dtype']} {r['tokens']} tokens: dense {r['dense_ratio']:.2f}x "
