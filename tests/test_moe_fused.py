@@ -130,3 +130,55 @@ def test_one_call_decode_works_in_training_mode_with_expert_bias():
         m.router.update_bias()
     assert int(counts.sum()) == 5 * 3
     assert not torch.equal(before, m.router.expert_bias)
+
+
+@pytest.mark.parametrize("weights", ["dense", "2:4"])
+def test_gives_up_after_routing_when_an_expert_gets_too_many_rows(weights, monkeypatch):
+    # every token to experts 0-2 (zero router: ties go to the lowest ids): more rows than the
+    # kernels' limit -> status 2, no expert math, the step path's result
+    from sparsewise.moe import layer
+
+    # (dense shared experts take as few rows as the routed ones: none there, or it stops before)
+    m = _build(torch.bfloat16, weights, ROUTERS["softmax"], 0 if weights == "dense" else 1, weights != "dense")
+    most = m.experts.fused_args()[2]
+    t = most + 1
+    assert t <= layer.FUSED_MAX_TOKENS and -(-t * 3 // 6) <= most  # tried, not ruled out up front
+    with torch.no_grad():
+        m.router.weight.zero_()
+    statuses = []
+    real = layer._compiled_block
+
+    def spy(rv, sv):
+        fn = real(rv, sv)
+
+        def call(*a):
+            r = fn(*a)
+            statuses.append(r[0])
+            return r
+        return call
+    monkeypatch.setattr(layer, "_compiled_block", spy)
+    x = torch.randn(t, D).bfloat16()
+    with torch.inference_mode():
+        assert m._fused_decode(x) is None
+        y = m(x)
+        counts = m.last_plan.counts_list
+        y0, _ = _steps(m, x)
+    assert statuses[0] == 2 and counts[:3] == [t, t, t]
+    assert torch.equal(y, y0)
+
+
+def test_shared_2_4_bf16_experts_stay_in_the_one_call_past_dprows_rows():
+    from sparsewise.moe.experts import NM_GEMM_MIN_ROWS
+
+    m = _build(torch.bfloat16, "2:4", ROUTERS["sigmoid-groups"], 2, False)
+    if m.shared.fused_args()[0] != ("nm", "dp"):
+        pytest.skip("needs AVX-512 BF16 (the 2:4 'dp' kernel)")
+    assert m.shared.fused_args()[2] < 60 < NM_GEMM_MIN_ROWS  # beyond the one-expert crossover
+    x = torch.randn(60, D).bfloat16()
+    with torch.inference_mode():
+        out = m._fused_decode(x)
+        assert out is not None or max(m.router(x).counts_list) > m.experts.fused_args()[2]
+        y, plan = m(x), m.last_plan
+        y0, plan0 = _steps(m, x)
+    assert torch.equal(plan.expert_ids, plan0.expert_ids)
+    torch.testing.assert_close(y.float(), y0.float(), rtol=2e-2, atol=2e-2 * float(y0.float().abs().max()))

@@ -262,22 +262,19 @@ class Experts(nn.Module):
         limit = self._nm_rows_min() or NM_GEMM_MIN_ROWS
         return [e for e in plan.used_experts() if plan.counts_list[e] >= limit]
 
-    def fused_args(self, rows: int) -> tuple[tuple[str, str], tuple] | None:
-        """For ``MoE``'s one-call decode: (kernel variant, weight arrays and sizes) of the compiled
-        kernel that runs these experts in inference when no expert has more than ``rows`` rows,
-        or None where inference takes another path (GEMMs, other activations or dtypes). The
-        arrays are views of the weights (in-place edits are seen), cached until a weight is
-        replaced, re-packed or converted."""
+    def fused_args(self) -> tuple[tuple[str, str], tuple, int] | None:
+        """For ``MoE``'s one-call decode: (kernel variant, weight arrays and sizes, most rows per
+        expert) of the compiled kernel that runs these experts in inference where no expert has
+        more than that many rows, or None where inference takes another path (other activations
+        or dtypes). The arrays are views of the weights (in-place edits are seen), cached until a
+        weight is replaced, re-packed or converted."""
         ts = (self.gate_up, self.down) if self.packed is None else \
             (self.gate_up_values, self.gate_up_indices, self.down_values, self.down_indices)
         key = (self.prepack, self.activation) + tuple((t.data_ptr(), t.dtype, t.shape) for t in ts)
         cached = self.__dict__.get("_fused_cache")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_fused_cache"] = (key, self._fused_build())
-        built = cached[1]
-        if built is None or rows > built[2]:
-            return None
-        return built[0], built[1]
+        return cached[1]
 
     def _fused_build(self) -> tuple[tuple[str, str], tuple, int] | None:
         # (variant, args, most rows per expert the kernel takes in inference) or None

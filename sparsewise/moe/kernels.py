@@ -990,8 +990,10 @@ def _compiled_block(routed: tuple[str, str], shared: tuple[str, str] | None):
                 u[i] = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
 
     @numba.njit
-    def block(xf, router_w, bf16, bias, sigmoid, n_group, topk_group, k, norm, scale,
+    def block(xf, router_w, bf16, bias, sigmoid, n_group, topk_group, k, norm, scale, most,
               xr, rargs, has_shared, xs, sargs, gate_w):
+        # -> (status, out, ...): 1 done, 0 NaN/Inf logits, 2 an expert got more than `most` rows
+        # (no expert math done: the caller takes the step path)
         t_ = xf.shape[0]
         logits = np.empty((t_, router_w.shape[0]), np.float32)
         matvec_t(xf, router_w, logits)
@@ -999,8 +1001,8 @@ def _compiled_block(routed: tuple[str, str], shared: tuple[str, str] | None):
             round_bf16(logits)
         ok, w, ids, slot, counts, offsets = route(logits, bias, sigmoid, n_group, topk_group, k, norm, scale)
         token_index = slot // k
-        if not ok:
-            return False, np.empty((0, 0), np.float32), w, ids, slot, counts, offsets, token_index
+        if not ok or counts.max() > most:
+            return 0 if not ok else 2, np.empty((0, 0), np.float32), w, ids, slot, counts, offsets, token_index
         flat = w.reshape(-1)
         sorted_w = np.empty(slot.shape[0], np.float32)
         for i in range(slot.shape[0]):
@@ -1022,6 +1024,6 @@ def _compiled_block(routed: tuple[str, str], shared: tuple[str, str] | None):
             for t in range(t_):
                 for d in range(out.shape[1]):
                     out[t, d] += g[t] * s[t, d]
-        return True, out, w, ids, slot, counts, offsets, token_index
+        return 1, out, w, ids, slot, counts, offsets, token_index
 
     return block

@@ -14,13 +14,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .experts import Experts, uniform_plan
+from .experts import NM_GEMM_MIN_ROWS, Experts, uniform_plan
 from .kernels import ACTIVATIONS, _compiled_block, _weight_array, variant_input
 from .routing import _NO_BIAS, Router, RouterConfig, RoutingPlan
 
 __all__ = ["MoEConfig", "MoE", "hf_available"]
 
 _WEIGHTS = ("dense", "2:4")
+
+# The one-call decode (MoE._fused_decode) is tried up to this many tokens (its router is a serial
+# matvec) and where the routed rows per expert can stay within the experts' streaming kernels
+# (Experts.fused_args); it gives up after routing, before any expert math, when an expert got more
+# rows. Shared experts see every token: 2:4 bf16 ones stay in it up to NM_GEMM_MIN_ROWS - 1 rows,
+# past the "dprows" crossover of one expert alone (NM_ROWS_MIN_ROWS: the step path's extra calls
+# cost more). Paired on the DeepSeek shape, bf16 2:4, the one call against the step path: 1.13-1.23x
+# at 16 tokens, 1.14-1.16x at 24, 1.08-1.09x at 32, 1.07x at 48 and 64, 1.04-1.05x at 96.
+FUSED_MAX_TOKENS = 96
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,8 @@ class MoE(nn.Module):
     def _fused_decode(self, x2: torch.Tensor) -> torch.Tensor | None:
         """Inference with few tokens on CPU: router matmul, routing, routed and shared experts and
         the shared gate in one compiled call (kernels._compiled_block); None where it does not apply
-        (autograd, forward hooks on a submodule, capacity mode, aux losses, GEMM-sized expert groups). Same arithmetic as the
+        (autograd, forward hooks on a submodule, capacity mode, aux losses, expert groups beyond
+        the streaming kernels' rows: see FUSED_MAX_TOKENS). Same arithmetic as the
         step-by-step path up to rounding: bf16 blocks round the router and gate logits to bf16
         as a bf16 model computes them, and the output once at the end."""
         cfg, router = self.config, self.router
@@ -155,23 +165,31 @@ class MoE(nn.Module):
             return None
         if _hooked(self.router, self.experts, self.shared, self.shared_gate):  # e.g. pruning's calibration
             return None
-        routed = self.experts.fused_args(t)
-        shared = self.shared.fused_args(t) if self.shared is not None else None
-        if routed is None or (self.shared is not None and shared is None):
+        routed = self.experts.fused_args()
+        shared = self.shared.fused_args() if self.shared is not None else None
+        if routed is None or (self.shared is not None and shared is None) or t > FUSED_MAX_TOKENS:
             return None
-        rv, rargs = routed
-        sv, sargs = shared if shared is not None else (None, rargs)
+        rv, rargs, most = routed
+        if -(-t * rc.top_k // rc.num_experts) > most:  # some expert is sure to get more rows
+            return None
+        sv, sargs = None, rargs
+        if shared is not None:
+            sv, sargs, shared_most = shared
+            if t > (max(shared_most, NM_GEMM_MIN_ROWS - 1) if sv == ("nm", "dp") else shared_most):
+                return None
         xf = x2.to(torch.float32).contiguous().numpy()
         xr = variant_input(x2, rv)
         xs = variant_input(x2, sv) if sv is not None else xr
         rw, gw = self._fused_small(x2.dtype)
         bias = router.expert_bias if router.expert_bias is not None else _NO_BIAS
-        ok, out, w, ids, slot, counts, offsets, tok = _compiled_block(rv, sv)(
+        status, out, w, ids, slot, counts, offsets, tok = _compiled_block(rv, sv)(
             xf, rw, x2.dtype == torch.bfloat16, bias.detach().numpy(), rc.scoring == "sigmoid", rc.n_group,
-            rc.topk_group, rc.top_k, rc.norm_topk_prob, float(rc.routed_scaling_factor), xr, rargs,
+            rc.topk_group, rc.top_k, rc.norm_topk_prob, float(rc.routed_scaling_factor), most, xr, rargs,
             sv is not None, xs, sargs, gw)
-        if not ok:
+        if status == 0:
             raise ValueError("router logits contain NaN or Inf (check the input and the router weight)")
+        if status == 2:  # an expert got more rows than the one-call kernels take: the step path
+            return None
         counts = torch.from_numpy(counts)
         if router.training and router.expert_bias is not None:
             router._last_counts = counts
