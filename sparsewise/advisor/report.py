@@ -55,7 +55,9 @@ STATUS = [
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)",
      "works on CPU (training and inference), on CUDA through torch ops; experts pruned by prune_; few-token inference "
      "in one compiled call (router, routing, experts, shared experts); run 28f: 1-token dense fp32 2.34x / 2.80x, bf16 "
-     "1.79x / 2.26x (Mixtral / DeepSeek), 2:4 bf16 3.16x / 4.05x; decode 2.2-3.3x "
+     "1.79x / 2.26x (Mixtral / DeepSeek), 2:4 bf16 3.16x / 4.05x; run 28g (2:4 at 16 tokens in the one call too): 2:4 "
+     "bf16 3.54x / 3.98x at 1 token, 2.27x / 2.90x at 16; dense decode at 67-95% of a plain read of the same bytes "
+     "timed beside it; decode 2.2-3.3x "
      "transformers at 16 tokens (Mixtral bf16 2.50x), 2:4 experts 3.5-4.7x in fp32 and DeepSeek bf16; 1-token dense "
      "decode (1.7-1.9x) and Mixtral bf16 2:4 (2.5-2.6x) below target (second host's last run: Mixtral bf16 1.63x / 1.42x dense, 2.75x / 2.27x 2:4 at 1 / 16 tokens); "
      ">= 80% of the in-run read bandwidth on 4 of 16 decode cells (dense 69-88%, 2:4 55-81%); last run (equal input "
