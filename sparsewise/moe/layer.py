@@ -175,7 +175,7 @@ class MoE(nn.Module):
         sv, sargs = None, rargs
         if shared is not None:
             sv, sargs, shared_most = shared
-            if t > (max(shared_most, NM_GEMM_MIN_ROWS - 1) if sv == ("nm", "dp") else shared_most):
+            if t > (NM_GEMM_MIN_ROWS - 1 if sv == ("nm", "dp") else shared_most):
                 return None
         xf = x2.to(torch.float32).contiguous().numpy()
         xr = variant_input(x2, rv)
