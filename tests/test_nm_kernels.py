@@ -7,12 +7,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from sparsewise.nm import NMTensor
-from sparsewise.nm.kernels import available_kernels, avx512_available, nm24_supported, nm_matmul, reference_matmul
+from sparsewise.nm.kernels import available_kernels, avx2_available, avx512_available, nm24_supported, nm_matmul, reference_matmul
 
 PROPS = settings(max_examples=30, deadline=None)
 PATTERNS = [(2, 4), (1, 4), (4, 8), (2, 8), (3, 16)]
 BATCHES = [0, 1, 2, 3, 7, 8, 9, 13, 17]
-needs_avx512 = pytest.mark.skipif(not avx512_available(), reason="the 2:4 permute kernel needs AVX-512F")
+needs_perm = pytest.mark.skipif(not (avx512_available() or avx2_available()),
+                                  reason="the 2:4 permute kernel needs AVX-512F or AVX2 + FMA")
 needs_dp = pytest.mark.skipif("dp" not in available_kernels(NMTensor.from_dense(torch.randn(1, 64, dtype=torch.bfloat16))),
                               reason="the 2:4 bf16 dot-product kernel needs AVX512_BF16")
 
@@ -76,7 +77,7 @@ def test_non_fast_shapes_match_reference(case):
     assert_matches_reference(nm_matmul(x, nmt), x, nmt)
 
 
-@needs_avx512
+@needs_perm
 @PROPS
 @given(kernel_cases(fast=True))
 def test_fast_24_kernels_match_reference_and_generic(case):
@@ -101,7 +102,7 @@ def test_unusable_kernel_is_refused():
         nm_matmul(torch.randn(2, 36), NMTensor.from_dense(torch.randn(3, 36), 2, 4), kernel="dp")  # fp32 values
 
 
-@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512), pytest.param("dp", marks=needs_dp),
+@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_perm), pytest.param("dp", marks=needs_dp),
                                     pytest.param("dprows", marks=needs_dp)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_hot_inputs_pick_exact_columns(kernel, dtype):
@@ -115,7 +116,7 @@ def test_one_hot_inputs_pick_exact_columns(kernel, dtype):
     assert torch.equal(y, nmt.to_dense().float().T)
 
 
-@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512)])
+@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_perm)])
 def test_batch_zero_and_output_is_fresh(kernel):
     nmt = NMTensor.from_dense(torch.randn(5, 32), 2, 4)
     y = nm_matmul(torch.empty(0, 32), nmt, kernel=kernel)
@@ -137,14 +138,14 @@ def test_reference_is_dense_matmul():
 
 
 def test_nm24_supported():
-    assert nm24_supported(2, 4, 64) == avx512_available()
-    assert nm24_supported(2, 4, 32) == avx512_available()
-    assert nm24_supported(2, 4, 36) == avx512_available()  # whole blocks + a scalar tail
-    assert nm24_supported(2, 4, 4) == avx512_available()  # tail only
+    assert nm24_supported(2, 4, 64) == (avx512_available() or avx2_available())
+    assert nm24_supported(2, 4, 32) == (avx512_available() or avx2_available())
+    assert nm24_supported(2, 4, 36) == (avx512_available() or avx2_available())  # whole blocks + a scalar tail
+    assert nm24_supported(2, 4, 4) == (avx512_available() or avx2_available())  # tail only
     assert not nm24_supported(2, 4, 38)
     assert not nm24_supported(1, 4, 64)
     assert not nm24_supported(4, 8, 64)
-    assert isinstance(avx512_available(), bool)
+    assert isinstance(avx512_available(), bool) and isinstance(avx2_available(), bool)
 
 
 def test_kernel_rejects_unsupported_value_dtype():
@@ -153,7 +154,7 @@ def test_kernel_rejects_unsupported_value_dtype():
         nm_matmul(torch.randn(2, 16), nmt)
 
 
-@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512)])
+@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_perm)])
 def test_integer_valued_inputs_are_exact(kernel):
     # bf16 weights are widened exactly; small-integer products and sums are exact in fp32
     k, o = 32, 3
@@ -164,7 +165,7 @@ def test_integer_valued_inputs_are_exact(kernel):
     assert np.isfinite(nm_matmul(x, nmt, kernel=kernel).numpy()).all()
 
 
-@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_avx512), pytest.param("dp", marks=needs_dp),
+@pytest.mark.parametrize("kernel", ["generic", pytest.param("perm", marks=needs_perm), pytest.param("dp", marks=needs_dp),
                                     pytest.param("dprows", marks=needs_dp)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [96, 100])
@@ -229,7 +230,7 @@ def tiled_kernels():
         yield built
 
 
-@pytest.mark.skipif(not avx512_available(), reason="the row tiles are in the AVX-512 2:4 kernels")
+@pytest.mark.skipif(not (avx512_available() or avx2_available()), reason="the row tiles are in the 2:4 permute kernels")
 @pytest.mark.parametrize("kernel", ["dp", "perm"])
 @pytest.mark.parametrize("b", [8, 9, 13, 24, 30])
 def test_row_tiles_match_reference(tiled_kernels, kernel, b):

@@ -51,7 +51,7 @@ _TILE_ROWS, _TILE_BLOCKS, _TILE_AHEAD, _TILE_MIN_BYTES = 64, 32, 2, 2 << 20
 # 2x8 tiles (batch 8-11): weights per tile, KB (this tile computes from L2 while the next streams in)
 _TILE_KB = 256
 
-__all__ = ["KERNELS_VERSION", "cpu_flags", "avx512_available", "nm24_supported", "available_kernels", "nm_matmul",
+__all__ = ["KERNELS_VERSION", "cpu_flags", "avx512_available", "avx2_available", "nm24_supported", "available_kernels", "nm_matmul",
            "reference_matmul", "decompress_24"]
 
 
@@ -60,10 +60,16 @@ def avx512_available() -> bool:
     return "avx512f" in cpu_flags()
 
 
+def avx2_available() -> bool:
+    """True when the CPU has AVX2 and FMA (the 2:4 permute kernel's 256-bit form)."""
+    flags = cpu_flags()
+    return "avx2" in flags and "fma" in flags
+
+
 def nm24_supported(n: int, m: int, k: int) -> bool:
-    """The AVX-512 2:4 kernels run any in_features (whole 32/64-input blocks vectorised, the few
-    groups after the last block scalar)."""
-    return n == 2 and m == 4 and k % 4 == 0 and avx512_available()
+    """The 2:4 permute kernels (AVX-512, or AVX2 + FMA) run any in_features (whole 32/64-input
+    blocks vectorised, the few groups after the last block scalar)."""
+    return n == 2 and m == 4 and k % 4 == 0 and (avx512_available() or avx2_available())
 
 
 def _dp_supported(values: torch.Tensor, k: int) -> bool:
@@ -87,6 +93,7 @@ def _compiled():
     v16f, v16i, v16s = ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(i16, 16)
     v32s, v8q, v32bf = ir.VectorType(i16, 32), ir.VectorType(i64, 8), ir.VectorType(bfloat_type(), 32)
     v64b = ir.VectorType(ir.IntType(8), 64)
+    v8f, v8i = ir.VectorType(f32, 8), ir.VectorType(i32, 8)
 
     def c64(v):
         return ir.Constant(i64, v)
@@ -99,13 +106,20 @@ def _compiled():
         return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=align)
 
     class Perm:
-        """fp32 FMA on x values picked by vpermi2ps; 32 inputs (16 kept values) per block."""
+        """fp32 FMA on x values picked by vpermi2ps; 32 inputs (16 kept values) per block. On
+        CPUs without AVX-512 (AVX2 + FMA) each 8-lane half of the picks is two vpermps from the
+        8-input halves of x and a blend; LLVM splits the 16-lane FMA and decode in two."""
         blk = 32
 
         def __init__(self, mod, bf16_values):
             self.bf16 = bf16_values
-            self.perm = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(v16f, [v16f, v16i, v16f]), "llvm.x86.avx512.vpermi2var.ps.512")
+            self.wide = avx512_available()
+            if self.wide:
+                self.perm = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(v16f, [v16f, v16i, v16f]), "llvm.x86.avx512.vpermi2var.ps.512")
+            else:
+                self.permps = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(v8f, [v8f, v8i]), "llvm.x86.avx2.permps")
             self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
             self.shifts = ir.Constant(v16i, [2 * k for k in range(16)])
             self.base = ir.Constant(v16i, [(k // 2) * 4 for k in range(16)])
@@ -129,7 +143,20 @@ def _compiled():
             return vload(builder, xp, v16f, 4), vload(builder, builder.gep(xp, [c64(16)]), v16f, 4)
 
         def step(self, builder, acc, w, idx, lo, hi):
-            return builder.call(self.fma, [w, builder.call(self.perm, [lo, idx, hi]), acc])
+            if self.wide:
+                return builder.call(self.fma, [w, builder.call(self.perm, [lo, idx, hi]), acc])
+            # kept value j reads input (j // 2) * 4 + code: j 0-3 from x 0-7, 4-7 from 8-15, ...
+            # vpermps uses the low 3 bits of each index, i.e. the position inside those 8 inputs
+            def part(v, q):
+                return builder.shuffle_vector(v, v, ir.Constant(v8i, [8 * q + t for t in range(8)]))
+
+            halves = []
+            for src, q in ((lo, 0), (hi, 1)):
+                ix = part(idx, q)
+                a, b = builder.call(self.permps, [part(src, 0), ix]), builder.call(self.permps, [part(src, 1), ix])
+                halves.append(builder.shuffle_vector(a, b, ir.Constant(v8i, [0, 1, 2, 3, 12, 13, 14, 15])))
+            picked = builder.shuffle_vector(halves[0], halves[1], ir.Constant(v16i, list(range(16))))
+            return builder.call(self.fma, [w, picked, acc])
 
     class Dp:
         """bf16 pair dot products (vdpbf16ps) on x pairs picked by vpermi2w; 64 inputs per block."""
