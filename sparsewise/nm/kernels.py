@@ -42,8 +42,9 @@ from .._intrinsics import bf16_dot_available, cpu_flags
 # 4: row tiles with K chunks at batch >= 8, padded block-major x; 5: 4x4 tiles from batch 12;
 # 6: 2x8 tiles ask for the next tile in address order; 7: "dprows" (dprows.py) for bf16 2:4 from
 # batch ROWS_MIN_BATCH; 8: dprows' controls by byte shuffles, its next-chunk requests spread over
-# slices, its default batch by shape.
-KERNELS_VERSION = 8
+# slices, its default batch by shape; 9: "perm" on AVX2 + FMA CPUs (there the crossover was the
+# scalar generic kernel's).
+KERNELS_VERSION = 9
 # row tiles for large layers at batch >= 8 (make_driver): output rows per tile, 64-input blocks
 # per K chunk (bf16: 8 batch rows x 32 blocks of x = 32 KB, inside L1), row-steps of prefetch
 # distance, and the weight bytes above which tiles are used (under it the rows sit in cache)
