@@ -51,6 +51,7 @@ KERNELS_VERSION = 9
 _TILE_ROWS, _TILE_BLOCKS, _TILE_AHEAD, _TILE_MIN_BYTES = 64, 32, 2, 2 << 20
 # 2x8 tiles (batch 8-11): weights per tile, KB (this tile computes from L2 while the next streams in)
 _TILE_KB = 256
+_TILES = True  # read when the drivers are built (A/B runs rebuild _compiled)
 
 __all__ = ["KERNELS_VERSION", "cpu_flags", "avx512_available", "avx2_available", "nm24_supported", "available_kernels", "nm_matmul",
            "reference_matmul", "decompress_24"]
@@ -422,8 +423,11 @@ def _compiled():
             return driver
 
         # small layers skip the thread fork/join, which costs more than their work (and are too
-        # small for row tiles: compiling those only into the parallel driver halves their cost)
-        return numba.njit(parallel=True)(make(True)), numba.njit(parallel=False)(make(False))
+        # small for row tiles: compiling those only into the parallel driver halves their cost).
+        # Without AVX-512 (16 vector registers) the tiles' 16 accumulators of 2 registers each
+        # took LLVM ~40 s to compile (the parallel driver without them: a few seconds); there the
+        # parallel driver has none
+        return numba.njit(parallel=True)(make(_TILES and avx512_available())), numba.njit(parallel=False)(make(False))
 
     @intrinsic
     def weight_f32(typingctx, raw):
