@@ -455,14 +455,34 @@ def _gather_rate(row_bytes: int, table_bytes: int, n_ids: int, threads: int, rep
     return {"rows_per_s": rate, "gbs": rate * row_bytes / 1e9, "table_bytes": int(table.nbytes)}
 
 
-def _gemm_gflops(dtype, n: int, repeats: int) -> float:
+def _gemm_size(dtype, n: int, budget_s: float = 0.25) -> int:
+    """The largest power-of-two size up to ``n`` whose (size)^3 matmul takes under ``budget_s``,
+    extrapolated from the one below. Without native bf16 arithmetic (AVX2 CPUs) torch's bf16 mm
+    ran at a few GFLOP/s, so one 2048^3 call took tens of seconds."""
     import torch
 
+    m = 256
+    while m < n:
+        a = torch.randn(m, m).to(dtype)
+        torch.mm(a, a)  # warm-up
+        t0 = time.perf_counter()
+        torch.mm(a, a)
+        if (time.perf_counter() - t0) * 8 > budget_s:
+            break
+        m *= 2
+    return m
+
+
+def _gemm_gflops(dtype, n: int, repeats: int) -> tuple[float, int]:
+    """(GFLOP/s of an n x n matmul, n), n lowered by :func:`_gemm_size` where the dtype is slow."""
+    import torch
+
+    n = _gemm_size(dtype, n)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
     t = timeit(lambda: torch.mm(a, b), repeats=repeats, warmup=1, min_time=0.05)
-    return 2.0 * n ** 3 / t["min_s"] / 1e9
+    return 2.0 * n ** 3 / t["min_s"] / 1e9, n
 
 
 def _gemv_gbs(dtype, out_f: int, in_f: int, repeats: int) -> float:
@@ -521,8 +541,8 @@ def probe(*, quick: bool = False, threads: int | None = None,
         stream_bytes = meter.nbytes
         del meter
         step("dense GEMM")
-        gemm = {"fp32_gflops": _gemm_gflops(torch.float32, 2048, repeats),
-                "bf16_gflops": _gemm_gflops(torch.bfloat16, 2048, repeats), "n": 2048}
+        (f32, n32), (b16, n16) = _gemm_gflops(torch.float32, 2048, repeats), _gemm_gflops(torch.bfloat16, 2048, repeats)
+        gemm = {"fp32_gflops": f32, "bf16_gflops": b16, "n": n32, "bf16_n": n16}
         step("dense GEMV")
         gemv = {"fp32_gbs": _gemv_gbs(torch.float32, 11008, 4096, repeats),
                 "bf16_gbs": _gemv_gbs(torch.bfloat16, 11008, 4096, repeats),
