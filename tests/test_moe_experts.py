@@ -273,6 +273,8 @@ def test_bf16_mixed_kernel_and_gemm_paths(prepack, grouped_max, monkeypatch):
     # bf16 inference: experts with few rows in the streaming kernel, the others in a grouped GEMM
     # (plain weights, up to GROUPED_MM_MAX_ROWS rows an expert), F.linear per expert (more rows)
     # or oneDNN on prepacked copies
+    if prepack and not experts_mod.bf16_prepack_supported():
+        pytest.skip("oneDNN's bf16 weight reorder needs avx512bw/vl/dq or avx_ne_convert")
     monkeypatch.setattr(experts_mod, "GROUPED_MM_MAX_ROWS", grouped_max)
     torch.manual_seed(9)
     moe = MoE(64, 48, 5, 2, dtype=torch.bfloat16).set_prepack(prepack)
@@ -515,3 +517,15 @@ def test_task_bounds_split_every_task_once_by_work(counts, per, workers, c0):
     share = costs.sum() / workers
     for w in range(workers):
         assert abs(costs[b[w]:b[w + 1]].sum() - share) <= costs.max(initial=0) + 1e-9
+
+
+def test_bf16_prepack_says_when_the_cpu_cannot():
+    # oneDNN's bf16 weight reorder needs avx512bw/vl/dq or avx_ne_convert: refuse at set time
+    # with a clear error rather than fail in the first forward
+    moe = MoE(64, 48, 5, 2, dtype=torch.bfloat16)
+    if experts_mod.bf16_prepack_supported():
+        assert moe.set_prepack(True).experts.prepack
+    else:
+        with pytest.raises(NotImplementedError, match="avx512bw"):
+            moe.set_prepack(True)
+    assert MoE(64, 48, 5, 2).set_prepack(True).experts.prepack  # fp32: always allowed

@@ -48,7 +48,10 @@ def test_one_call_decode_matches_the_steps(dtype, weights, router, shared, gate,
     m = _build(dtype, weights, ROUTERS[router], shared, gate)
     x = torch.randn(tokens, D).to(dtype)
     with torch.inference_mode():
-        assert m._fused_decode(x) is not None  # the one-call path applies here
+        # the one-call path applies here, unless an expert may get more rows than this host's
+        # kernel takes (bf16 without AVX512_BF16: the fp32 decode kernel's smaller limit)
+        if tokens <= m.experts.fused_args()[2]:
+            assert m._fused_decode(x) is not None
         y = m(x.unsqueeze(0))
         plan = m.last_plan
         y0, plan0 = _steps(m, x.unsqueeze(0))
@@ -141,6 +144,8 @@ def test_gives_up_after_routing_when_an_expert_gets_too_many_rows(weights, monke
     # (dense shared experts take as few rows as the routed ones: none there, or it stops before)
     m = _build(torch.bfloat16, weights, ROUTERS["softmax"], 0 if weights == "dense" else 1, weights != "dense")
     most = m.experts.fused_args()[2]
+    if most >= layer.FUSED_MAX_TOKENS:
+        pytest.skip(f"this host's {weights} decode kernel takes any number of rows up to the fused limit")
     t = most + 1
     assert t <= layer.FUSED_MAX_TOKENS and -(-t * 3 // 6) <= most  # tried, not ruled out up front
     with torch.no_grad():

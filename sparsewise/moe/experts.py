@@ -95,6 +95,14 @@ def uniform_plan(num_tokens: int, device: torch.device | str | None = None) -> R
                        [num_tokens])
 
 
+def bf16_prepack_supported() -> bool:
+    """True when torch's oneDNN can reorder bf16 linear weights on this CPU (set_prepack)."""
+    from ..nm.kernels import cpu_flags
+
+    flags = cpu_flags()
+    return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+
+
 class Experts(nn.Module):
     """``num_experts`` feed-forward experts (SwiGLU, GeGLU or GELU) with stacked weights.
 
@@ -130,6 +138,10 @@ class Experts(nn.Module):
         weights, and faster decode from 3-4 rows per expert. Dense experts, torch's mkldnn backend."""
         if enabled and not torch.backends.mkldnn.is_available():
             raise NotImplementedError("prepacked expert weights need torch's mkldnn (oneDNN) backend")
+        if enabled and self.dtype == torch.bfloat16 and not bf16_prepack_supported():
+            # torch's mkldnn_reorder_linear_weight raises on the first forward otherwise
+            raise NotImplementedError("prepacked bf16 expert weights need a CPU with avx512bw + avx512vl + avx512dq "
+                                      "or avx_ne_convert (oneDNN's bf16 path); this one has neither")
         self.prepack = bool(enabled)
         if not enabled:
             self._packed_gemm = None
