@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -101,6 +102,11 @@ def _set_impl(block, impl):
     block.experts.config._experts_implementation = impl
 
 
+# a cell that could not run on this CPU: NaN ratios and times
+_NO_RESULT = SimpleNamespace(ratio=float("nan"), ratio_min=float("nan"), ratio_max=float("nan"),
+                             candidate_s=float("nan"), baseline_s=float("nan"))
+
+
 def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: int = 5, all_dense_max: int = DECODE_MAX,
             progress=None) -> list[dict]:
     """Measure every (workload, dtype, tokens); return one row each (ratios > 1: ours faster)."""
@@ -117,7 +123,12 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
         w, dtype = workloads[name], DTYPES[dt]
         block = hf_block(w, dtype)
         dense, sparse = MoE.from_hf(block), MoE.from_hf(block, "2:4")
-        prepacked = MoE.from_hf(block).set_prepack()  # + oneDNN-blocked weight copies (2x memory)
+        # + oneDNN-blocked weight copies (2x memory); bf16 ones need AVX-512 BW/VL/DQ or
+        # AVX-NE-CONVERT: elsewhere the prepacked cells are NaN
+        from .experts import bf16_prepack_supported
+
+        can_prepack = dtype != torch.bfloat16 or bf16_prepack_supported()
+        prepacked = MoE.from_hf(block).set_prepack() if can_prepack else None
         capped = MoE.from_hf(block)  # Switch/GShard capacity mode, for comparison with dropless
         capped.config = replace(capped.config, capacity_factor=CAPACITY_FACTOR)
         all_dense = _all_dense(dense)
@@ -150,7 +161,7 @@ def measure(workloads=None, tokens=TOKENS, dtypes=("fp32", "bf16"), *, pairs: in
                 rd = compare(lambda: dense(xa()), lambda: block(xb()), pairs=pairs, name=f"dense {name} {dt} T{t}")
                 used_d = _used_bytes(dense, pool) + shared_bytes
                 rp = compare(lambda: prepacked(xa()), lambda: block(xb()), pairs=pairs,
-                             name=f"dense+prepack {name} {dt} T{t}")
+                             name=f"dense+prepack {name} {dt} T{t}") if prepacked is not None else _NO_RESULT
                 rs = compare(lambda: sparse(xa()), lambda: block(xb()), pairs=pairs, name=f"2:4 {name} {dt} T{t}")
                 used_s = _used_bytes(sparse, pool) + shared_sparse
                 rc = None
