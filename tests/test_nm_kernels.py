@@ -7,13 +7,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from sparsewise.nm import NMTensor
-from sparsewise.nm.kernels import available_kernels, avx2_available, avx512_available, nm24_supported, nm_matmul, reference_matmul
+from sparsewise.nm.kernels import (available_kernels, avx2_available, avx512_available, nm24_supported, nm_matmul,
+                                   perm_available, reference_matmul)
 
 PROPS = settings(max_examples=30, deadline=None)
 PATTERNS = [(2, 4), (1, 4), (4, 8), (2, 8), (3, 16)]
 BATCHES = [0, 1, 2, 3, 7, 8, 9, 13, 17]
-needs_perm = pytest.mark.skipif(not (avx512_available() or avx2_available()),
-                                  reason="the 2:4 permute kernel needs AVX-512F or AVX2 + FMA")
+needs_perm = pytest.mark.skipif(not perm_available(), reason="the 2:4 permute kernel needs AVX-512F or AVX2 + FMA")
 needs_dp = pytest.mark.skipif("dp" not in available_kernels(NMTensor.from_dense(torch.randn(1, 64, dtype=torch.bfloat16))),
                               reason="the 2:4 bf16 dot-product kernel needs AVX512_BF16")
 
@@ -138,13 +138,14 @@ def test_reference_is_dense_matmul():
 
 
 def test_nm24_supported():
-    assert nm24_supported(2, 4, 64) == (avx512_available() or avx2_available())
-    assert nm24_supported(2, 4, 32) == (avx512_available() or avx2_available())
-    assert nm24_supported(2, 4, 36) == (avx512_available() or avx2_available())  # whole blocks + a scalar tail
-    assert nm24_supported(2, 4, 4) == (avx512_available() or avx2_available())  # tail only
+    assert nm24_supported(2, 4, 64) == perm_available()
+    assert nm24_supported(2, 4, 32) == perm_available()
+    assert nm24_supported(2, 4, 36) == perm_available()  # whole blocks + a scalar tail
+    assert nm24_supported(2, 4, 4) == perm_available()  # tail only
     assert not nm24_supported(2, 4, 38)
     assert not nm24_supported(1, 4, 64)
     assert not nm24_supported(4, 8, 64)
+    assert perm_available() == (avx512_available() or avx2_available())
     assert isinstance(avx512_available(), bool) and isinstance(avx2_available(), bool)
 
 
@@ -230,7 +231,7 @@ def tiled_kernels():
         yield built
 
 
-@pytest.mark.skipif(not (avx512_available() or avx2_available()), reason="the row tiles are in the 2:4 permute kernels")
+@pytest.mark.skipif(not avx512_available(), reason="the row tiles are built only on AVX-512 (kernels.make_driver)")
 @pytest.mark.parametrize("kernel", ["dp", "perm"])
 @pytest.mark.parametrize("b", [8, 9, 13, 24, 30])
 def test_row_tiles_match_reference(tiled_kernels, kernel, b):

@@ -464,10 +464,7 @@ def _gemm_size(dtype, n: int, budget_s: float = 0.25) -> int:
     m = 256
     while m < n:
         a = torch.randn(m, m).to(dtype)
-        torch.mm(a, a)  # warm-up
-        t0 = time.perf_counter()
-        torch.mm(a, a)
-        if (time.perf_counter() - t0) * 8 > budget_s:
+        if timeit(lambda: torch.mm(a, a), repeats=1, warmup=1, min_time=0.0)["min_s"] * 8 > budget_s:
             break
         m *= 2
     return m

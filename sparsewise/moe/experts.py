@@ -97,7 +97,7 @@ def uniform_plan(num_tokens: int, device: torch.device | str | None = None) -> R
 
 def bf16_prepack_supported() -> bool:
     """True when torch's oneDNN can reorder bf16 linear weights on this CPU (set_prepack)."""
-    from ..nm.kernels import cpu_flags
+    from .._intrinsics import cpu_flags
 
     flags = cpu_flags()
     return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags

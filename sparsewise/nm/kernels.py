@@ -51,9 +51,8 @@ KERNELS_VERSION = 9
 _TILE_ROWS, _TILE_BLOCKS, _TILE_AHEAD, _TILE_MIN_BYTES = 64, 32, 2, 2 << 20
 # 2x8 tiles (batch 8-11): weights per tile, KB (this tile computes from L2 while the next streams in)
 _TILE_KB = 256
-_TILES = True  # read when the drivers are built (A/B runs rebuild _compiled)
 
-__all__ = ["KERNELS_VERSION", "cpu_flags", "avx512_available", "avx2_available", "nm24_supported", "available_kernels", "nm_matmul",
+__all__ = ["KERNELS_VERSION", "cpu_flags", "avx512_available", "avx2_available", "perm_available", "nm24_supported", "available_kernels", "nm_matmul",
            "reference_matmul", "decompress_24"]
 
 
@@ -68,10 +67,15 @@ def avx2_available() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
+def perm_available() -> bool:
+    """True when the 2:4 permute kernel ("perm") runs here: AVX-512F, or AVX2 + FMA."""
+    return avx512_available() or avx2_available()
+
+
 def nm24_supported(n: int, m: int, k: int) -> bool:
     """The 2:4 permute kernels (AVX-512, or AVX2 + FMA) run any in_features (whole 32/64-input
     blocks vectorised, the few groups after the last block scalar)."""
-    return n == 2 and m == 4 and k % 4 == 0 and (avx512_available() or avx2_available())
+    return n == 2 and m == 4 and k % 4 == 0 and perm_available()
 
 
 def _dp_supported(values: torch.Tensor, k: int) -> bool:
@@ -427,7 +431,7 @@ def _compiled():
         # Without AVX-512 (16 vector registers) the tiles' 16 accumulators of 2 registers each
         # took LLVM ~40 s to compile (the parallel driver without them: a few seconds); there the
         # parallel driver has none
-        return numba.njit(parallel=True)(make(_TILES and avx512_available())), numba.njit(parallel=False)(make(False))
+        return numba.njit(parallel=True)(make(avx512_available())), numba.njit(parallel=False)(make(False))
 
     @intrinsic
     def weight_f32(typingctx, raw):
