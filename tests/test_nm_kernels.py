@@ -149,6 +149,21 @@ def test_nm24_supported():
     assert isinstance(avx512_available(), bool) and isinstance(avx2_available(), bool)
 
 
+def test_avx2_x_group_order_serves_every_lane():
+    # the AVX2 "perm" kernel picks lane d (kept value PERM_LANES[d], of group PERM_LANES[d] // 2)
+    # from 128-bit lane L of 8-input x half h, h = 2 * (d // 8) + (d % 4 >= 2), L = (d % 8) // 4:
+    # that 4-input slot must hold the lane's group, for every lane, and the slots are a
+    # permutation of the block's 8 groups
+    from sparsewise.nm.kernels import PERM_LANES, _avx2_groups, perm_x_groups
+
+    groups = _avx2_groups()
+    assert sorted(groups) == list(range(8)) and sorted(PERM_LANES) == list(range(16))
+    for d, kept in enumerate(PERM_LANES):
+        h, lane = 2 * (d // 8) + (d % 4 >= 2), (d % 8) // 4
+        assert groups[2 * h + lane] == kept // 2, d
+    assert perm_x_groups() == (None if avx512_available() or not avx2_available() else groups)
+
+
 def test_kernel_rejects_unsupported_value_dtype():
     nmt = NMTensor.from_dense(torch.randn(3, 16, dtype=torch.float16), 2, 4)
     with pytest.raises(TypeError, match="float32 or bfloat16"):

@@ -750,15 +750,18 @@ NM_TASK_C0 = 2.0
 def _compiled_nm(kernel: str):
     import numba
 
-    from ..nm.kernels import _compiled as nm_compiled
+    from ..nm.kernels import _compiled as nm_compiled, perm_x_groups
 
     _par, ser = nm_compiled()[kernel]
     blk = 64 if kernel == "dp" else 32
+    # the order the kernel reads a block's inputs in (AVX2 "perm": 4-input groups reordered)
+    groups = perm_x_groups() if kernel == "perm" else None
+    order = tuple(range(blk)) if groups is None else tuple(4 * g + t for g in groups for t in range(4))
 
     @numba.njit(parallel=True)
     def relayout(x, rows_expert, offsets, kmain, out):
         # x (N, K) -> out: per expert segment s..s+n, the first kmain inputs block-major
-        # out[s*kmain + (i*n + b)*blk + j] = x[s + b, i*blk + j]
+        # out[s*kmain + (i*n + b)*blk + j] = x[s + b, i*blk + order[j]]
         for row in numba.prange(x.shape[0]):
             e = rows_expert[row]
             s = offsets[e]
@@ -767,7 +770,7 @@ def _compiled_nm(kernel: str):
             for i in range(kmain // blk):
                 base = s * kmain + (i * n + b) * blk
                 for j in range(blk):
-                    out[base + j] = x[row, i * blk + j]
+                    out[base + j] = x[row, i * blk + order[j]]
 
     task_bounds = _task_bounds()
     c0 = NM_TASK_C0  # read here: numba freezes globals when it compiles

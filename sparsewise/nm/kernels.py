@@ -8,7 +8,9 @@ Kernels (each checked against the pure-torch ``reference_matmul`` in the tests):
 - 2:4, "perm" (AVX-512F, K % 32 == 0): per row and 32 inputs, load 16 kept values and one uint32
   of 2-bit positions, turn the positions into a permutation (broadcast, shift, mask, add group
   base), pick the matching x values from two registers with one ``vpermi2ps``, one FMA. bf16
-  values are widened in registers. x in fp32.
+  values are widened in registers. x in fp32. Its AVX2 + FMA form: x comes with each block's
+  4-input groups reordered (``perm_x_groups``) so that two in-lane ``vpermilps`` on the raw
+  2-bit codes and a blend pick 8 inputs; 4 output rows per pass from batch 1.
 - 2:4, "dp" (AVX512_BF16, bf16 values, K % 64 == 0): per row and 64 inputs, 32 kept bf16 values
   (one pair per group) against x pairs picked with one ``vpermi2w`` from 64 bf16 inputs, one
   ``vdpbf16ps`` (two products per fp32 lane, fp32 accumulation): half the instructions of "perm".
@@ -43,8 +45,9 @@ from .._intrinsics import bf16_dot_available, cpu_flags
 # 6: 2x8 tiles ask for the next tile in address order; 7: "dprows" (dprows.py) for bf16 2:4 from
 # batch ROWS_MIN_BATCH; 8: dprows' controls by byte shuffles, its next-chunk requests spread over
 # slices, its default batch by shape; 9: "perm" on AVX2 + FMA CPUs (there the crossover was the
-# scalar generic kernel's).
-KERNELS_VERSION = 9
+# scalar generic kernel's); 10: AVX2 "perm" picks with in-lane vpermilps from x with reordered
+# groups, 4 rows per pass at batch 1.
+KERNELS_VERSION = 10
 # row tiles for large layers at batch >= 8 (make_driver): output rows per tile, 64-input blocks
 # per K chunk (bf16: 8 batch rows x 32 blocks of x = 32 KB, inside L1), row-steps of prefetch
 # distance, and the weight bytes above which tiles are used (under it the rows sit in cache)
@@ -70,6 +73,34 @@ def avx2_available() -> bool:
 def perm_available() -> bool:
     """True when the 2:4 permute kernel ("perm") runs here: AVX-512F, or AVX2 + FMA."""
     return avx512_available() or avx2_available()
+
+
+# The AVX2 "perm" kernel's lane order: lane d of a block's 16 products is kept value
+# PERM_LANES[d]. bf16 values widen by interleaving with zeros inside each 128-bit half
+# (vpunpcklwd/hwd), which gives this order; fp32 values are loaded in it (the 128-bit halves
+# swapped in by vinsertf128), so x has one order for both
+PERM_LANES = (0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15)
+
+
+def perm_x_groups() -> tuple[int, ...] | None:
+    """The order the AVX2 "perm" kernel wants the 8 groups (4 inputs each) of every 32-input
+    block of x in, or None (AVX-512: natural order). 128-bit lane L of 8-input half h must hold
+    the group of the kept values in lanes 4L..4L+3 of that half (even pairs for h = 0, 2, odd
+    for h = 1, 3), so one in-lane vpermilps picks them."""
+    if avx512_available() or not avx2_available():
+        return None
+    return _avx2_groups()
+
+
+@functools.lru_cache(maxsize=None)
+def _avx2_groups() -> tuple[int, ...]:
+    lanes = PERM_LANES
+    out = []
+    for half in range(4):  # halves 0, 1 serve product lanes 0-7, halves 2, 3 lanes 8-15
+        base = 8 * (half // 2)
+        for lane in range(2):
+            out.append(lanes[base + 4 * lane + 2 * (half % 2)] // 2)
+    return tuple(out)
 
 
 def nm24_supported(n: int, m: int, k: int) -> bool:
@@ -113,8 +144,11 @@ def _compiled():
 
     class Perm:
         """fp32 FMA on x values picked by vpermi2ps; 32 inputs (16 kept values) per block. On
-        CPUs without AVX-512 (AVX2 + FMA) each 8-lane half of the picks is two vpermps from the
-        8-input halves of x and a blend; LLVM splits the 16-lane FMA and decode in two."""
+        CPUs without AVX-512 (AVX2 + FMA) each 8-lane half of the picks is two in-lane vpermilps
+        and a blend (see step); LLVM splits the 16-lane FMA in two. Measured there (Zen 3, one
+        thread, weights in cache, cycles per 32-input block at batch 1): 7.3-8.5 with two
+        cross-lane vpermps per 8 picks and the code + group base decode, one row per pass;
+        4.4-6.6 with this form and 4 rows per pass."""
         blk = 32
 
         def __init__(self, mod, bf16_values):
@@ -124,10 +158,12 @@ def _compiled():
                 self.perm = cgutils.get_or_insert_function(
                     mod, ir.FunctionType(v16f, [v16f, v16i, v16f]), "llvm.x86.avx512.vpermi2var.ps.512")
             else:
-                self.permps = cgutils.get_or_insert_function(
-                    mod, ir.FunctionType(v8f, [v8f, v8i]), "llvm.x86.avx2.permps")
+                self.permil = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(v8f, [v8f, v8i]), "llvm.x86.avx.vpermilvar.ps.256")
+                self.lanes = PERM_LANES  # lane d holds kept value PERM_LANES[d]
+                self.zero16 = ir.Constant(v16s, [0] * 16)
             self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
-            self.shifts = ir.Constant(v16i, [2 * k for k in range(16)])
+            self.shifts = ir.Constant(v16i, [2 * k for k in (range(16) if self.wide else self.lanes)])
             self.base = ir.Constant(v16i, [(k // 2) * 4 for k in range(16)])
             self.three = ir.Constant(v16i, [3] * 16)
 
@@ -135,14 +171,23 @@ def _compiled():
             # mptr: the row's index bytes; block i's 16 codes are bytes 4i..4i+3 (rows are not
             # word-aligned when K % 32 != 0, hence align=1)
             word = builder.load(builder.bitcast(builder.gep(mptr, [builder.mul(i, c64(4))]), i32.as_pointer()), align=1)
+            if not self.wide:  # vpermilps reads the low 2 bits of each lane: the code itself
+                return builder.lshr(splat(builder, word, v16i, 16), self.shifts)
             return builder.add(builder.and_(builder.lshr(splat(builder, word, v16i, 16), self.shifts), self.three),
                                self.base)
 
         def weights(self, builder, vptr, i):
             wp = builder.gep(vptr, [builder.mul(i, c64(16))])
+            if self.bf16 and not self.wide:  # (0, w) pairs: fp32 lanes in self.lanes order
+                raw = vload(builder, wp, v16s, 2)
+                mask = [t for k in self.lanes for t in (0, 16 + k)]
+                return builder.bitcast(builder.shuffle_vector(self.zero16, raw, ir.Constant(ir.VectorType(i32, 32), mask)), v16f)
             if self.bf16:  # bf16 bits are the high half of the fp32 bits
                 raw = builder.zext(vload(builder, wp, v16s, 2), v16i)
                 return builder.bitcast(builder.shl(raw, ir.Constant(v16i, [16] * 16)), v16f)
+            if not self.wide:
+                return builder.shuffle_vector(vload(builder, wp, v16f, 4), ir.Constant(v16f, ir.Undefined),
+                                              ir.Constant(v16i, list(self.lanes)))
             return vload(builder, wp, v16f, 4)
 
         def x_pair(self, builder, xp):
@@ -151,16 +196,18 @@ def _compiled():
         def step(self, builder, acc, w, idx, lo, hi):
             if self.wide:
                 return builder.call(self.fma, [w, builder.call(self.perm, [lo, idx, hi]), acc])
-            # kept value j reads input (j // 2) * 4 + code: j 0-3 from x 0-7, 4-7 from 8-15, ...
-            # vpermps uses the low 3 bits of each index, i.e. the position inside those 8 inputs
+            # AVX2: x comes with the groups of each block in perm_x_groups order, so each 8-input
+            # half of lo/hi holds, per 128-bit lane, the group of the kept values in that lane's
+            # even (first 8-lane half: 0-1, 4-5) or odd (2-3, 6-7) pairs: two in-lane vpermilps
+            # (the code picks inside the group) and a blend give 8 picks
             def part(v, q):
                 return builder.shuffle_vector(v, v, ir.Constant(v8i, [8 * q + t for t in range(8)]))
 
             halves = []
             for src, q in ((lo, 0), (hi, 1)):
                 ix = part(idx, q)
-                a, b = builder.call(self.permps, [part(src, 0), ix]), builder.call(self.permps, [part(src, 1), ix])
-                halves.append(builder.shuffle_vector(a, b, ir.Constant(v8i, [0, 1, 2, 3, 12, 13, 14, 15])))
+                a, b = builder.call(self.permil, [part(src, 0), ix]), builder.call(self.permil, [part(src, 1), ix])
+                halves.append(builder.shuffle_vector(a, b, ir.Constant(v8i, [0, 1, 10, 11, 4, 5, 14, 15])))
             picked = builder.shuffle_vector(halves[0], halves[1], ir.Constant(v16i, list(range(16))))
             return builder.call(self.fma, [w, picked, acc])
 
@@ -344,6 +391,8 @@ def _compiled():
         # 4x4 from batch 12 (1.04-1.13x over 2x8 at 12-20, with x padded) and at 32
         tile8x2, tile4x4 = make_tile(8, 2), make_tile(4, 4)
 
+        rows4_b1 = not avx512_available()  # a compile-time constant (see below)
+
         def make(with_tiles):
             def driver(vals, meta, x, xt, y, O, K, B, bias):
                 # vals (O*K/2,) f32|i16; meta (O*row_bytes,) uint8, 2-bit codes; y (B*O,) f32;
@@ -403,7 +452,7 @@ def _compiled():
                     o0 = g * 4
                     if o0 + 4 <= ot:
                         pass  # the row tiles computed these rows (tail inputs and bias below)
-                    elif o0 + 4 <= O and B > 1 and not tiled:
+                    elif o0 + 4 <= O and (B > 1 or rows4_b1) and not tiled:
                         if pf and o0 + 8 <= O:
                             prefetch_row(vaddr + (o0 + 4) * half * vsize, 4 * half * vsize)
                             prefetch_row(maddr + (o0 + 4) * row_bytes, 4 * row_bytes)
@@ -608,15 +657,36 @@ def _select(nmt, kernel: str | None):
     idx = nmt.indices.numpy().reshape(-1)
     if kernel == "generic":
         kern = kernels["generic"]
-        return kern, (vals, idx), (nmt.n, nmt.m, index_bits(nmt.m)), 0, torch.float32
+        return kern, (vals, idx), (nmt.n, nmt.m, index_bits(nmt.m)), 0, torch.float32, None
     if kernel == "dprows":
         from .dprows import compiled as rows_compiled
 
         par, ser = rows_compiled()
-        return (ser if nmt.nbytes < _SERIAL_BYTES else par), (vals, idx), (), 0, torch.bfloat16
+        return (ser if nmt.nbytes < _SERIAL_BYTES else par), (vals, idx), (), 0, torch.bfloat16, None
     par, ser = kernels[kernel]
     kern = ser if nmt.nbytes < _SERIAL_BYTES else par
-    return kern, (vals, idx), (), (64 if kernel == "dp" else 32), (torch.bfloat16 if kernel == "dp" else torch.float32)
+    groups = perm_x_groups() if kernel == "perm" else None
+    xprep = None if groups is None else _compiled_xprep(groups)
+    return kern, (vals, idx), (), (64 if kernel == "dp" else 32), (torch.bfloat16 if kernel == "dp" else torch.float32), xprep
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_xprep(groups: tuple):
+    # (B, K) float32 -> the first nblk 32-input blocks block-major (block i's batch row b at
+    # i*xblk + b*32), each block's 4-input groups in ``groups`` order (perm_x_groups)
+    import numba
+
+    @numba.njit
+    def prep(x, nblk, xblk, out):
+        for i in range(nblk):
+            for b in range(x.shape[0]):
+                dst, src = i * xblk + b * 32, i * 32
+                for p in range(8):
+                    g = groups[p]
+                    for t in range(4):
+                        out[dst + 4 * p + t] = x[b, src + 4 * g + t]
+
+    return prep
 
 
 def _block_major(xm: torch.Tensor, blk: int, padded: bool) -> torch.Tensor:
@@ -648,9 +718,9 @@ def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, kerne
     if b == 0 or o == 0:
         return y
     if kernel is None:
-        kern, (vals, idx), extra, blk, xdtype = _kernel_args(nmt, b)
+        kern, (vals, idx), extra, blk, xdtype, xprep = _kernel_args(nmt, b)
     else:
-        kern, (vals, idx), extra, blk, xdtype = _select(nmt, kernel)
+        kern, (vals, idx), extra, blk, xdtype, xprep = _select(nmt, kernel)
     bias_arg = _NO_BIAS if bias is None else bias.numpy()
     if not blk:  # row-major x: fp32 for "generic", bf16 bits for "dprows"
         xr = x2d.to(xdtype).contiguous()
@@ -659,10 +729,16 @@ def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, kerne
         return y
     kmain = k // blk * blk
     xm = x2d[:, :kmain] if kmain < k else x2d
-    if xm.dtype != xdtype:
-        xm = xm.to(xdtype)
-    xm = _block_major(xm, blk, nmt.values.numel() * nmt.values.element_size() >= _TILE_MIN_BYTES) if b > 1 else xm.contiguous()
-    xv = xm.view(torch.int16).numpy().reshape(-1) if xdtype == torch.bfloat16 else xm.numpy().reshape(-1)
+    padded = b > 1 and nmt.values.numel() * nmt.values.element_size() >= _TILE_MIN_BYTES
+    if xprep is not None:  # block-major with each block's inputs in the order the kernel reads them
+        xblk = b * blk + (64 // 4 if padded else 0)
+        xv = np.empty(kmain // blk * xblk, np.float32)
+        xprep(x2d.to(torch.float32).contiguous().numpy(), kmain // blk, xblk, xv)
+    else:
+        if xm.dtype != xdtype:
+            xm = xm.to(xdtype)
+        xm = _block_major(xm, blk, padded) if b > 1 else xm.contiguous()
+        xv = xm.view(torch.int16).numpy().reshape(-1) if xdtype == torch.bfloat16 else xm.numpy().reshape(-1)
     # the tail sees x as the vector part does (bf16-rounded for "dp"), in fp32
     xt = x2d[:, kmain:].to(xdtype).to(torch.float32).contiguous().numpy().reshape(-1) if kmain < k else _NO_BIAS
     kern(vals, idx, xv, xt, y.numpy().reshape(-1), o, k, b, bias_arg)
