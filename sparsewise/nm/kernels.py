@@ -164,8 +164,9 @@ def _compiled():
                 self.zero16 = ir.Constant(v16s, [0] * 16)
             self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
             self.shifts = ir.Constant(v16i, [2 * k for k in (range(16) if self.wide else self.lanes)])
-            self.base = ir.Constant(v16i, [(k // 2) * 4 for k in range(16)])
-            self.three = ir.Constant(v16i, [3] * 16)
+            if self.wide:  # vpermi2ps indexes 32 inputs: the code plus its group's base
+                self.base = ir.Constant(v16i, [(k // 2) * 4 for k in range(16)])
+                self.three = ir.Constant(v16i, [3] * 16)
 
         def decode(self, builder, mptr, i):
             # mptr: the row's index bytes; block i's 16 codes are bytes 4i..4i+3 (rows are not
@@ -728,15 +729,16 @@ def nm_matmul(x2d: torch.Tensor, nmt, bias: torch.Tensor | None = None, *, kerne
         kern(vals, idx, xv, y.numpy().reshape(-1), o, k, b, bias_arg, *extra)
         return y
     kmain = k // blk * blk
-    xm = x2d[:, :kmain] if kmain < k else x2d
-    padded = b > 1 and nmt.values.numel() * nmt.values.element_size() >= _TILE_MIN_BYTES
-    if xprep is not None:  # block-major with each block's inputs in the order the kernel reads them
-        xblk = b * blk + (64 // 4 if padded else 0)
-        xv = np.empty(kmain // blk * xblk, np.float32)
-        xprep(x2d.to(torch.float32).contiguous().numpy(), kmain // blk, xblk, xv)
+    if xprep is not None:
+        # AVX2 "perm": block-major, each block's inputs in the order the kernel reads them;
+        # unpadded (the padding is for the row tiles, which are AVX-512 only)
+        xv = np.empty(b * kmain, np.float32)
+        xprep(x2d.to(torch.float32).contiguous().numpy(), kmain // blk, b * blk, xv)
     else:
+        xm = x2d[:, :kmain] if kmain < k else x2d
         if xm.dtype != xdtype:
             xm = xm.to(xdtype)
+        padded = nmt.values.numel() * nmt.values.element_size() >= _TILE_MIN_BYTES
         xm = _block_major(xm, blk, padded) if b > 1 else xm.contiguous()
         xv = xm.view(torch.int16).numpy().reshape(-1) if xdtype == torch.bfloat16 else xm.numpy().reshape(-1)
     # the tail sees x as the vector part does (bf16-rounded for "dp"), in fp32
