@@ -14,16 +14,18 @@ import sparsewise.nm.functional as nm_functional
 import sparsewise.nm.linear as nm_linear_mod
 from sparsewise.nm import (NMConfig, NMTensor, SparseLinear, SparsifyReport, is_nm, nm_linear, nm_mask,
                            sparsify_)
+from sparsewise.nm.linear import _PROBE_BATCHES
 from sparsewise.nm.linear import crossover_batch as real_crossover_batch
+from sparsewise.nm.linear import kernel_batches as real_kernel_batches
 
 NEVER = 1 << 30
 
 
 @pytest.fixture(autouse=True)
 def _no_timing(monkeypatch):
-    # SparseLinear measures its dense crossover on the first batched no-grad call; tests must not
-    # time anything (another process may be benchmarking), so by default the kernel always wins.
-    monkeypatch.setattr(nm_linear_mod, "crossover_batch", lambda w, refresh=False: NEVER)
+    # SparseLinear measures where its kernel wins on the first no-grad call; tests must not time
+    # anything (another process may be benchmarking), so by default the kernel always wins.
+    monkeypatch.setattr(nm_linear_mod, "kernel_batches", lambda w, refresh=False: _PROBE_BATCHES)
 
 
 def gen(seed=0):
@@ -366,7 +368,7 @@ def dense_ref(sl, x):
 
 def test_dense_fallback_above_crossover(monkeypatch, f_linear_calls):
     xover_calls = []
-    monkeypatch.setattr(nm_linear_mod, "crossover_batch", lambda w, refresh=False: xover_calls.append(w.shape) or 2)
+    monkeypatch.setattr(nm_linear_mod, "kernel_batches", lambda w, refresh=False: xover_calls.append(w.shape) or (1,))
     torch.manual_seed(4)
     sl = SparseLinear.from_dense(nn.Linear(32, 6))
     with torch.no_grad():
@@ -388,9 +390,9 @@ def test_dense_fallback_above_crossover(monkeypatch, f_linear_calls):
 
 def test_dense_fallback_disabled_never_asks_for_crossover(monkeypatch, f_linear_calls):
     def boom(*a, **kw):
-        raise AssertionError("crossover_batch called with dense_fallback=False")
+        raise AssertionError("kernel_batches called with dense_fallback=False")
 
-    monkeypatch.setattr(nm_linear_mod, "crossover_batch", boom)
+    monkeypatch.setattr(nm_linear_mod, "kernel_batches", boom)
     torch.manual_seed(5)
     sl = SparseLinear.from_dense(nn.Linear(32, 6), config=NMConfig(dense_fallback=False))
     with torch.no_grad():
@@ -401,7 +403,7 @@ def test_dense_fallback_disabled_never_asks_for_crossover(monkeypatch, f_linear_
 
 
 def test_dense_fallback_sees_updated_values(monkeypatch):
-    monkeypatch.setattr(nm_linear_mod, "crossover_batch", lambda w, refresh=False: 2)
+    monkeypatch.setattr(nm_linear_mod, "kernel_batches", lambda w, refresh=False: (1,))
     torch.manual_seed(6)
     sl = SparseLinear.from_dense(nn.Linear(32, 6))
     x = torch.randn(4, 32)
@@ -415,7 +417,7 @@ def test_dense_fallback_sees_updated_values(monkeypatch):
 
 
 def test_dtype_change_drops_caches(monkeypatch, f_linear_calls):
-    monkeypatch.setattr(nm_linear_mod, "crossover_batch", lambda w, refresh=False: 2)
+    monkeypatch.setattr(nm_linear_mod, "kernel_batches", lambda w, refresh=False: (1,))
     torch.manual_seed(7)
     sl = SparseLinear.from_dense(nn.Linear(32, 6))
     with torch.no_grad():
@@ -433,13 +435,21 @@ def test_dtype_change_drops_caches(monkeypatch, f_linear_calls):
 
 # ------------------------------------------------------------------ crossover_batch
 
-def test_crossover_batch_is_measured_once_and_cached(tmp_path, monkeypatch):
+@pytest.fixture
+def real_dispatch(monkeypatch):
+    """Undo the autouse stub: these tests measure (with a fake or tiny compare) and cache."""
+    monkeypatch.setattr(nm_linear_mod, "kernel_batches", real_kernel_batches)
+
+def test_crossover_batch_is_measured_once_and_cached(tmp_path, monkeypatch, real_dispatch):
     monkeypatch.setenv("SPARSEWISE_CACHE", str(tmp_path))
     nmt, _ = packed(8, 32)
     first = real_crossover_batch(nmt)
     assert isinstance(first, int) and first >= 1
-    table = json.loads((tmp_path / "nm_crossover.json").read_text())
-    assert list(table.values()) == [first]
+    wins = real_kernel_batches(nmt)
+    table = json.loads((tmp_path / "nm_dispatch.json").read_text())
+    (mask,) = table.values()  # one measurement served both calls
+    assert wins == tuple(b for i, b in enumerate(_PROBE_BATCHES) if mask >> i & 1)
+    assert first == next((b for b in _PROBE_BATCHES if b not in wins), NEVER)
     (key,) = table
     assert "8x32" in key and "float32" in key and "2:4" in key
 
@@ -451,7 +461,7 @@ def test_crossover_batch_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert real_crossover_batch(NMTensor.from_dense(torch.randn(8, 32))) == first  # same shape, same key
 
 
-def test_crossover_batch_is_measured_again_for_new_kernels(tmp_path, monkeypatch):
+def test_crossover_batch_is_measured_again_for_new_kernels(tmp_path, monkeypatch, real_dispatch):
     # a faster kernel moves the crossover: an entry cached for other kernels is not reused
     import sparsewise.nm.kernels as kernels
 
@@ -462,10 +472,10 @@ def test_crossover_batch_is_measured_again_for_new_kernels(tmp_path, monkeypatch
     monkeypatch.setattr(kernels, "KERNELS_VERSION", kernels.KERNELS_VERSION + 1)
     monkeypatch.setattr(sparsewise.bench, "compare", lambda c, b, **kw: SimpleNamespace(ratio=3.0))
     assert real_crossover_batch(nmt) == NEVER
-    assert len(json.loads((tmp_path / "nm_crossover.json").read_text())) == 2
+    assert len(json.loads((tmp_path / "nm_dispatch.json").read_text())) == 2
 
 
-def test_crossover_batch_refresh_and_table(tmp_path, monkeypatch):
+def test_crossover_batch_refresh_and_table(tmp_path, monkeypatch, real_dispatch):
     monkeypatch.setenv("SPARSEWISE_CACHE", str(tmp_path))
     calls = []
 
@@ -475,19 +485,51 @@ def test_crossover_batch_refresh_and_table(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sparsewise.bench, "compare", fake_compare)
     nmt, _ = packed(8, 32)
-    assert real_crossover_batch(nmt) == 8 and len(calls) == 4
-    assert real_crossover_batch(nmt) == 8 and len(calls) == 4  # cached
+    assert real_crossover_batch(nmt) == 8 and len(calls) == 5  # two losses in a row end the probe
+    assert real_kernel_batches(nmt) == (1, 2, 4) and len(calls) == 5  # cached
     calls.clear()
     monkeypatch.setattr(sparsewise.bench, "compare", lambda c, b, **kw: SimpleNamespace(ratio=3.0))
     assert real_crossover_batch(nmt, refresh=True) == NEVER  # packed wins everywhere
     other = NMTensor.from_dense(torch.randn(4, 16, dtype=torch.bfloat16))
     assert real_crossover_batch(other) == NEVER
-    table = json.loads((tmp_path / "nm_crossover.json").read_text())
-    assert sorted(table.values()) == [NEVER, NEVER] and len(table) == 2
+    table = json.loads((tmp_path / "nm_dispatch.json").read_text())
+    assert sorted(table.values()) == [2 ** len(_PROBE_BATCHES) - 1] * 2 and len(table) == 2
     # a damaged cache file is ignored and rewritten
-    (tmp_path / "nm_crossover.json").write_text("{not json")
+    (tmp_path / "nm_dispatch.json").write_text("{not json")
     assert real_crossover_batch(nmt) == NEVER
-    assert len(json.loads((tmp_path / "nm_crossover.json").read_text())) == 1
+    assert len(json.loads((tmp_path / "nm_dispatch.json").read_text())) == 1
+
+
+def test_kernel_batches_keep_wins_after_a_loss(tmp_path, monkeypatch, real_dispatch):
+    # torch's dense GEMM can be fast at batch 1 and slow at 8-32 (bf16 on CPUs without native
+    # support): the kernel loses at 1 and wins from 2, which one crossover cannot express
+    monkeypatch.setenv("SPARSEWISE_CACHE", str(tmp_path))
+    ratios = iter([0.98, 2.0, 1.04, 2.5, 0.7, 0.6, 3.0])  # the 7th is never asked for
+    calls = []
+    monkeypatch.setattr(sparsewise.bench, "compare",
+                        lambda c, b, **kw: calls.append(1) or SimpleNamespace(ratio=next(ratios)))
+    nmt, _ = packed(8, 32)
+    assert real_kernel_batches(nmt) == (2, 8) and len(calls) == 6
+    assert real_crossover_batch(nmt) == 1 and len(calls) == 6  # read from the same cache entry
+
+
+def test_sparselinear_follows_the_win_set(monkeypatch, f_linear_calls):
+    monkeypatch.setattr(nm_linear_mod, "kernel_batches", lambda w, refresh=False: (2, 4, 64))
+    torch.manual_seed(8)
+    sl = SparseLinear.from_dense(nn.Linear(32, 6))
+    expect = {1: "dense", 2: "kernel", 3: "kernel", 5: "kernel", 8: "dense", 63: "dense", 64: "kernel",
+              127: "kernel", 128: "dense", 5000: "dense"}
+    with torch.no_grad():
+        for b, path in expect.items():
+            f_linear_calls.clear()
+            x = torch.randn(b, 32)
+            close(sl(x), dense_ref(sl, x), torch.float32, 32)
+            assert (f_linear_calls == [(b, 32)]) == (path == "dense"), b
+            assert sl.cpu_path(b) == path
+    with pytest.raises(ValueError, match="positive int"):
+        sl.cpu_path(0)
+    off = SparseLinear.from_dense(nn.Linear(32, 6), config=NMConfig(dense_fallback=False))
+    assert off.cpu_path(1) == "kernel"
 
 
 # ------------------------------------------------------------------ sparsify_

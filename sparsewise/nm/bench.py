@@ -98,7 +98,7 @@ def measure(shapes=None, batches=BATCHES, dtypes=("fp32", "bf16"), *, pairs: int
                 "kernel_pct_read_bw": 100.0 * moved / rk.candidate_s / 1e9 / bw, "read_gbs": bw,
                 "dense_weight_bytes": o * k * torch.tensor([], dtype=dtype).element_size(),
                 "packed_bytes": packed.nbytes, "weight_copies": copies, "pairs": rk.pairs, "threads": rk.threads,
-                "sparselinear_path": "dense" if layer._xover is not None and b >= layer._xover else "kernel",
+                "sparselinear_path": layer.cpu_path(b),
             })
             if bar:
                 bar.update(1)

@@ -1,10 +1,12 @@
 """``SparseLinear`` and ``sparsify_``: N:M layers that are never much slower than nn.Linear.
 
 Dispatch per call: the packed kernel where it wins (small batches: it reads fewer weight bytes),
-the dense path where it does not (large batches, where MKL/oneDNN GEMMs are compute-bound). The
-crossover batch size is measured once per (shape, dtype, threads, machine) with the paired
-harness and cached on disk (``<cache>/nm_crossover.json``). The dense path needs the dense
-weight: it is materialised on the first large-batch call and kept (set
+the dense path where it does not (large batches, where MKL/oneDNN GEMMs are compute-bound). Which
+batch sizes the kernel wins at is measured once per (shape, dtype, threads, machine) with the
+paired harness over power-of-two probe batches and cached on disk (``<cache>/nm_dispatch.json``).
+It is a set, not one crossover: on some CPUs torch's dense GEMM is fast at batch 1 and slow at
+batch 8-32 (bf16 without native support), so the kernel can lose at 1 and win from 2 on. The dense
+path needs the dense weight: it is materialised on the first call that takes it and kept (set
 ``NMConfig(dense_fallback=False)`` to never hold it, trading speed at large batch for memory).
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .gpu import NEVER, semi_structured, sparse_min_batch
 from .mask import check_nm
 from .tensor import NMTensor
 
-__all__ = ["NMConfig", "SparseLinear", "sparsify_", "SparsifyReport", "crossover_batch"]
+__all__ = ["NMConfig", "SparseLinear", "sparsify_", "SparsifyReport", "crossover_batch", "kernel_batches"]
 
 _PROBE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -54,28 +56,59 @@ def _crossover_key(o: int, k: int, dtype: torch.dtype, n: int, m: int) -> str:
     return f"{cpu}|{o}x{k}|{str(dtype).replace('torch.', '')}|{n}:{m}|t{num_threads()}|v{KERNELS_VERSION}"
 
 
-def crossover_batch(weight: NMTensor, *, refresh: bool = False) -> int:
-    """Smallest batch (rows of x) at which dense F.linear beats the packed kernel, measured with
-    :func:`sparsewise.bench.compare` on this weight's shape and cached on disk. Returns a large
-    number when the packed kernel wins at every batch tried."""
+def _measure_wins(weight: NMTensor) -> int:
+    """Bit i set: the packed kernel clearly beats dense F.linear at batch ``_PROBE_BATCHES[i]``."""
     from ..bench import compare
 
     o, k = weight.shape
+    dense = weight.to_dense()
+    gen = torch.Generator().manual_seed(0)
+    mask, losses = 0, 0
+    for i, b in enumerate(_PROBE_BATCHES):
+        x = torch.randn(b, k, generator=gen).to(weight.dtype)
+        r = compare(lambda: nm_linear(x, weight), lambda: F.linear(x, dense), pairs=5, warmup=1, min_time=0.005)
+        # keep the kernel only where it clearly wins: a near-tie measured on one warm weight
+        # can turn into a loss on the cold weights of a real model
+        if r.ratio >= 1.05:
+            mask |= 1 << i
+            losses = 0
+        else:
+            losses += 1
+            if losses == 2:  # dense GEMMs only get more efficient with batch: stop probing
+                break
+    return mask
 
-    def measure() -> int:
-        dense = weight.to_dense()
-        gen = torch.Generator().manual_seed(0)
-        for b in _PROBE_BATCHES:
-            x = torch.randn(b, k, generator=gen).to(weight.dtype)
-            r = compare(lambda: nm_linear(x, weight), lambda: F.linear(x, dense), pairs=5, warmup=1, min_time=0.005)
-            # keep the kernel only where it clearly wins: a near-tie measured on one warm weight
-            # can turn into a loss on the cold weights of a real model
-            if r.ratio < 1.05:
-                return b
-        return 1 << 30
 
-    return cached_measurement("nm_crossover.json", _crossover_key(o, k, weight.dtype, weight.n, weight.m),
-                              measure, refresh=refresh)
+def kernel_batches(weight: NMTensor, *, refresh: bool = False) -> tuple[int, ...]:
+    """The probe batch sizes (1, 2, 4, ..., 512 rows of x) at which the packed kernel was measured
+    clearly faster than dense F.linear on this weight's shape and dtype, with
+    :func:`sparsewise.bench.compare`; cached on disk per (machine, shape, dtype, N:M, threads,
+    kernels' version). A batch between two probes takes the decision of the probe below it, one
+    above 512 that of 512. Probing stops after two losses in a row."""
+    o, k = weight.shape
+    mask = cached_measurement("nm_dispatch.json", _crossover_key(o, k, weight.dtype, weight.n, weight.m),
+                              lambda: _measure_wins(weight), refresh=refresh)
+    return tuple(b for i, b in enumerate(_PROBE_BATCHES) if mask >> i & 1)
+
+
+def crossover_batch(weight: NMTensor, *, refresh: bool = False) -> int:
+    """Smallest probe batch at which the packed kernel does not clearly beat dense F.linear (see
+    :func:`kernel_batches`, which this reads); a large number when it wins at every batch tried.
+    The kernel may win again above it: :class:`SparseLinear` follows :func:`kernel_batches`."""
+    wins = set(kernel_batches(weight, refresh=refresh))
+    return next((b for b in _PROBE_BATCHES if b not in wins), 1 << 30)
+
+
+def _batch_mask(wins) -> int:
+    """``kernel_batches`` as a bit mask indexed by ``min(batch.bit_length() - 1, last probe)``."""
+    mask = 0
+    for i, b in enumerate(_PROBE_BATCHES):
+        if b in wins:
+            mask |= 1 << i
+    return mask
+
+
+_LAST_PROBE = len(_PROBE_BATCHES) - 1
 
 
 class SparseLinear(nn.Module):
@@ -102,7 +135,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("indices", nmt.indices)
         self._nm = nmt
         self._dense = None  # (dense weight, values._version it was built from)
-        self._xover = None
+        self._wins = None
         self._gpu = None  # (values._version, dense, semi-structured or None, min batch, why not, values)
 
     @classmethod
@@ -128,7 +161,7 @@ class SparseLinear(nn.Module):
         if nm.values.data_ptr() != v.data_ptr() or nm.values.dtype != v.dtype or nm.indices.data_ptr() != idx.data_ptr():
             # values or indices were replaced (module.to(), load_state_dict with assign=True, ...)
             self._rebuild()
-            self._xover = None
+            self._wins = None
         return self._nm
 
     def to_linear(self) -> nn.Linear:
@@ -168,16 +201,27 @@ class SparseLinear(nn.Module):
             return nm_linear(x, nm, bias, values=v if training else None)
         batch = x.numel() // self.in_features
         if self.config.dense_fallback and batch > 0:
-            xover = self._xover
-            if xover is None:
-                xover = self._xover = crossover_batch(nm)
-            if batch >= xover:
+            wins = self._wins
+            if wins is None:
+                wins = self._wins = _batch_mask(kernel_batches(nm))
+            if not wins >> min(batch.bit_length() - 1, _LAST_PROBE) & 1:
                 dense = self._dense
                 # rebuilt whenever the values changed in place (an optimizer step bumps _version)
                 if dense is None or dense[1] != v._version:
                     dense = self._dense = (nm.to_dense(), v._version)
                 return F.linear(x, dense[0], bias)
         return _kernel_forward(x, nm, bias, "auto")  # nm_linear's kernel path, minus its checks
+
+    def cpu_path(self, batch: int) -> str:
+        """Which path a CPU inference call with ``batch`` rows of x takes: "kernel" or "dense"
+        (measures the dispatch on first use, like the first such call)."""
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        if not self.config.dense_fallback or self.values.dtype not in _KERNEL_DTYPES:
+            return "kernel"
+        if self._wins is None:
+            self._wins = _batch_mask(kernel_batches(self.weight_nm))
+        return "kernel" if self._wins >> min(batch.bit_length() - 1, _LAST_PROBE) & 1 else "dense"
 
     def _forward_cuda(self, x, nm, v, bias):
         g = self._gpu
@@ -194,7 +238,7 @@ class SparseLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self._rebuild()  # device or dtype may have changed
-        self._xover = None
+        self._wins = None
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
