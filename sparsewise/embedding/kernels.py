@@ -40,9 +40,12 @@ POOL_CODES = {"sum": 0, "mean": 1, "max": 2}
 # (session 28, one process). It flushes bf16 subnormals (|x| < 1.2e-38) and subnormal sums to 0;
 # bags with an inf or NaN are pooled again the exact way.
 DP_POOL = True
-# bag passes reading fewer bytes a row than this prefetch into L1 (prefetcht0), others into L2 (t1):
-# on 256 B bf16 rows t0 was 3-6% faster (sessions 26 and 28); t0 was measured on shorter rows only
-BAG_T0_BYTES = 512
+# bag passes reading fewer bytes a row than this prefetch into L1 (prefetcht0), others into L2 (t1).
+# 0: every row into L2. On Zen 5 t0 was 3-6% faster on 256 B bf16 and 136 B int8 rows (sessions
+# 26 and 28, when this was 512); on Zen 4 t1 was 1.3x (bf16) and 1.7-2.1x (int8) faster (session
+# 40: 8 x 1M tables, B 8192 x 32, two processes per setting, benchmarks/results/host1_2026-12-08c),
+# so t1 is the default everywhere: a small loss on one CPU instead of a large one on the other
+BAG_T0_BYTES = 0
 # bags whose ids pooled_forward checks in one block before gathering them (256 x 32 ids: 64 KB)
 CHECK_BAGS = 256
 
