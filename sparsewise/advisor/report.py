@@ -41,7 +41,9 @@ STATUS = [
     ("N:M (2:4) weights: masks, packed format, CPU kernels, SparseLinear (sparsewise.nm)",
      "works on CPU; bf16 at batch 8-32 near target (2.0x / 1.5x; first host 1.6-1.7x / 1.2-1.3x; second host's "
      "run 27k 1.65-2.54x / 1.37-1.60x; last run, \"dprows\" from batch 4 on large wide layers: 1.68-2.39x / "
-     "1.47-1.87x on the Llama-2 shapes, each target met on 2 of 3); CUDA path tested on an H100"),
+     "1.47-1.87x on the Llama-2 shapes, each target met on 2 of 3; first host again with KERNELS_VERSION 10 "
+     "(2026-12-08): 1.78-2.04x / 1.31-1.50x); SparseLinear follows the measured set of batches where the kernel "
+     "wins; CUDA path tested on an H100"),
     ("Pruning and recovery: magnitude, Wanda, SparseGPT, masked / SR-STE fine-tuning (sparsewise.nm)",
      "works, with the sparsewise prune CLI; one-shot SparseGPT 2:4 on SmolLM2-135M at 4.84x dense perplexity, "
      "Fashion-MNIST within 0.3 points of dense after fine-tuning"),
@@ -51,6 +53,8 @@ STATUS = [
      "readers without arithmetic 0.97x / 2.26x / 2.71x; bf16's 2.75x at its best prefetch), training 16.76x torch, "
      "1.51x FBGEMM (ceiling 2.41x; 20.69x / 1.45x in 27h, step at 69% of its floor); run 28d (ids checked "
      "block by block inside the gather): lookups 1.35x / 2.07x / 2.45x, training 20.74x torch, 1.45x FBGEMM; "
+     "first host again (2026-12-08, prefetcht1 for every row size): lookups 1.69x / 2.73x / 3.29x, training "
+     "19.80x torch, 2.48x FBGEMM; "
      "tables larger than RAM, sharding not built yet"),
     ("Mixture-of-Experts: routers, grouped experts, 2:4 experts (sparsewise.moe)",
      "works on CPU (training and inference), on CUDA through torch ops; experts pruned by prune_; few-token inference "
@@ -64,7 +68,8 @@ STATUS = [
      "chunks, paired cut rows) Mixtral fp32 16 tokens 3.69x at 75%, DeepSeek fp32 82%; "
      "2:4 experts split over threads by work: paired 1.05-1.11x on uneven 16-token plans, 2:4 16-token cells at 32-64%; "
      "2:4 bf16 experts with 12-447 rows on nm's \"dprows\" kernel: 1.13-1.50x at 32-384 rows an expert, 2048-token "
-     "2:4 bf16 0.95x (Mixtral, still expanded) / 1.09x (DeepSeek)"),
+     "2:4 bf16 0.95x (Mixtral, still expanded) / 1.09x (DeepSeek); first host again (2026-12-08): dense decode "
+     "1.46-4.96x (2x met on 6 of 8 cells), 2:4 2.22-4.87x (3.5x met on 5 of 8)"),
     ("Advisor: project each technique on TPUs, GPUs, CPUs", "not built yet"),
 ]
 
